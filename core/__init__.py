@@ -1,0 +1,38 @@
+"""PRIME engine: framework-agnostic (never imports Scipion).
+
+The public API, used by the command line, the Scipion plugin and outside checks,
+is re-exported here; each concept lives in its own module (``star``, ``images``,
+``mrc``, ``geometry``, ``symmetry``, ``directions``, ``ctf``).
+"""
+
+from prime_plugin.core.ctf import CtfParams, ctf_at, ctf_image, electron_wavelength_A
+from prime_plugin.core.directions import asymmetric_unit_directions, directions_for_count
+from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler, projection_direction
+from prime_plugin.core.images import ParticleImages
+from prime_plugin.core.mrc import read_volume, write_volume
+from prime_plugin.core.star import ParticleTable, read_particles, read_star_blocks, write_particles, write_star_blocks
+from prime_plugin.core.symmetry import symmetry_operators, symmetry_order
+
+__all__ = [
+    "PrimeInputError",
+    "ParticleTable",
+    "read_particles",
+    "write_particles",
+    "read_star_blocks",
+    "write_star_blocks",
+    "ParticleImages",
+    "read_volume",
+    "write_volume",
+    "euler_to_matrix",
+    "matrix_to_euler",
+    "projection_direction",
+    "symmetry_operators",
+    "symmetry_order",
+    "asymmetric_unit_directions",
+    "directions_for_count",
+    "CtfParams",
+    "ctf_at",
+    "ctf_image",
+    "electron_wavelength_A",
+]

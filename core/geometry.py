@@ -1,0 +1,141 @@
+"""Euler angles and rotation matrices in RELION's convention.
+
+RELION (and Xmipp, from which it inherits) uses ZYZ Euler angles (rot, tilt, psi)
+in degrees and the matrix ``A = Rz(psi) @ Ry(tilt) @ Rz(rot)`` with
+
+    Rz(a) = [[cos a,  sin a, 0], [-sin a, cos a, 0], [0, 0, 1]]
+    Ry(b) = [[cos b, 0, -sin b], [0, 1, 0], [sin b, 0, cos b]]
+
+``A`` takes reference (map) coordinates into image coordinates: a projection at
+(rot, tilt, psi) is ``img(x, y) = sum_z v(A.T @ (x, y, z))``, and its Fourier
+transform is the central section ``F_vol(A.T @ (kx, ky, 0))``. The projection
+direction in map coordinates is the third row of ``A``:
+``(cos rot sin tilt, sin rot sin tilt, cos tilt)``.
+
+Shapes: angles are scalars or arrays of shape (n,); matrices are (3, 3) or (n, 3, 3).
+"""
+
+import numpy as np
+
+# Below this |sin(tilt)| the rotation is treated as one about z (gimbal lock).
+# RELION uses 16 * FLT_EPSILON (~1.9e-6) in single or double precision; we use a
+# float64-sized threshold so the returned angles reproduce R to ~1e-12 everywhere.
+_GIMBAL_SIN_TILT = 1e-12
+
+__all__ = ["euler_to_matrix", "matrix_to_euler", "projection_direction", "direction_to_angles"]
+
+
+def euler_to_matrix(rot, tilt, psi):
+    """RELION's rotation matrix for Euler angles (RELION's ``Euler_angles2matrix``).
+
+    Parameters
+    ----------
+    rot, tilt, psi : float or array_like, shape (n,)
+        Euler angles in degrees (ZYZ), broadcast against each other.
+
+    Returns
+    -------
+    ndarray, float64, shape (3, 3) for scalar input, else (n, 3, 3)
+        ``A = Rz(psi) Ry(tilt) Rz(rot)``, mapping reference coordinates (x, y, z)
+        to image coordinates.
+    """
+    rot, tilt, psi = np.broadcast_arrays(
+        *(np.radians(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi))
+    )
+    ca, sa = np.cos(rot), np.sin(rot)
+    cb, sb = np.cos(tilt), np.sin(tilt)
+    cg, sg = np.cos(psi), np.sin(psi)
+
+    A = np.empty(rot.shape + (3, 3), dtype=np.float64)
+    # Row k of Ry(tilt) Rz(rot), then the psi rotation mixes rows 0 and 1.
+    row0 = (cb * ca, cb * sa, -sb)
+    row1 = (-sa, ca, np.zeros_like(ca))
+    for j in range(3):
+        A[..., 0, j] = cg * row0[j] + sg * row1[j]
+        A[..., 1, j] = -sg * row0[j] + cg * row1[j]
+    A[..., 2, 0] = sb * ca
+    A[..., 2, 1] = sb * sa
+    A[..., 2, 2] = cb
+    return A
+
+
+def matrix_to_euler(R):
+    """Euler angles of rotation matrices (RELION's ``Euler_matrix2angles``).
+
+    Parameters
+    ----------
+    R : array_like, shape (3, 3) or (n, 3, 3)
+        Proper rotation matrices in RELION's convention (see module docstring).
+
+    Returns
+    -------
+    rot, tilt, psi : float or ndarray of shape (n,), degrees
+        ``tilt`` in [0, 180]; ``rot`` and ``psi`` in (-180, 180]. As in RELION,
+        when sin(tilt) vanishes (gimbal lock: tilt 0 or 180) the rotation is a
+        rotation about z, reported as rot = 0, tilt = 0 or 180 and psi carrying
+        the whole in-plane angle, so that ``euler_to_matrix(rot, tilt, psi) == R``.
+
+    Notes
+    -----
+    RELION takes rot from ``atan2(R[2,1], R[2,0])``, which loses accuracy when
+    tilt is tiny (rounding in R becomes an O(eps / sin tilt) error in the angle).
+    Here rot is instead read off ``Ry(tilt).T @ Rz(psi).T @ R == Rz(rot)``, which
+    gives the same angles for well-conditioned matrices and stays exact near the
+    poles: an error in psi is then compensated by rot.
+    """
+    R = np.asarray(R, dtype=np.float64)
+    if R.shape[-2:] != (3, 3):
+        raise ValueError(f"expected rotation matrices of shape (3, 3) or (n, 3, 3), got {R.shape}")
+    abs_sb = np.hypot(R[..., 0, 2], R[..., 1, 2])
+    locked = abs_sb <= _GIMBAL_SIN_TILT
+    flipped = R[..., 2, 2] < 0  # tilt near 180 when locked
+
+    tilt = np.where(locked, np.where(flipped, np.pi, 0.0), np.arctan2(abs_sb, R[..., 2, 2]))
+    psi_free = np.arctan2(R[..., 1, 2], -R[..., 0, 2])
+    # Locked: R = Rz(psi) Ry(0 or pi), psi read from the upper-left 2x2 block.
+    psi_up = np.arctan2(-R[..., 1, 0], R[..., 0, 0])
+    psi_down = np.arctan2(R[..., 1, 0], -R[..., 0, 0])
+    psi = np.where(locked, np.where(flipped, psi_down, psi_up), psi_free)
+
+    # M = Ry(tilt).T Rz(psi).T R is Rz(rot); its first row is (cos rot, sin rot, 0).
+    cg, sg = np.cos(psi), np.sin(psi)
+    cb, sb = np.cos(tilt), np.sin(tilt)
+    row0_of_rz_t_r = (cg[..., None] * R[..., 0, :] - sg[..., None] * R[..., 1, :])
+    m0 = cb[..., None] * row0_of_rz_t_r + sb[..., None] * R[..., 2, :]
+    rot = np.where(locked, 0.0, np.arctan2(m0[..., 1], m0[..., 0]))
+
+    out = tuple(np.degrees(a) for a in (rot, tilt, psi))
+    if R.ndim == 2:
+        return tuple(float(a) for a in out)
+    return out
+
+
+def projection_direction(rot, tilt):
+    """Unit projection direction(s) in map coordinates (third row of the matrix).
+
+    Parameters
+    ----------
+    rot, tilt : float or array_like, shape (n,)
+        Degrees.
+
+    Returns
+    -------
+    ndarray, float64, shape (3,) or (n, 3)
+        ``(cos rot sin tilt, sin rot sin tilt, cos tilt)`` as (x, y, z).
+    """
+    rot, tilt = np.broadcast_arrays(np.radians(np.asarray(rot, dtype=np.float64)),
+                                    np.radians(np.asarray(tilt, dtype=np.float64)))
+    return np.stack([np.cos(rot) * np.sin(tilt), np.sin(rot) * np.sin(tilt), np.cos(tilt)], axis=-1)
+
+
+def direction_to_angles(d):
+    """(rot, tilt) in degrees of unit direction(s) ``d`` of shape (3,) or (n, 3).
+
+    tilt = arccos(z) in [0, 180], rot = atan2(y, x) in (-180, 180]; the inverse of
+    :func:`projection_direction` (rot is arbitrary, here 0, on the poles).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    d = d / np.linalg.norm(d, axis=-1, keepdims=True)
+    tilt = np.degrees(np.arccos(np.clip(d[..., 2], -1.0, 1.0)))
+    rot = np.degrees(np.arctan2(d[..., 1], d[..., 0]))
+    return rot, tilt

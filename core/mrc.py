@@ -1,0 +1,76 @@
+"""MRC volumes (maps) read and written with their voxel size.
+
+A volume is a float32 array ``v[z, y, x]`` (mrcfile's order) with a cubic box.
+Maps are written as RELION writes them (mode 2, origin 0, nstart 0, axis order
+x, y, z, space group 1, statistics in the header) so that ChimeraX places them
+where RELION's own maps go; the file appears atomically (temporary name, rename).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from prime_plugin.core.errors import PrimeInputError
+
+
+def read_volume(path, expected_box=None):
+    """Read a cubic MRC volume.
+
+    Parameters
+    ----------
+    path : str or Path
+    expected_box : int, optional
+        Refuse a volume whose side differs (for instance from the particles' box).
+
+    Returns
+    -------
+    volume : ndarray, float32, shape (box, box, box), order [z, y, x]
+    voxel_size_A : float
+        From the header; 0.0 when the header does not say.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrimeInputError("file not found", path)
+    try:
+        with mrcfile.open(path, mode="r", permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError("no data")
+            volume = np.asarray(mrc.data, dtype=np.float32).copy()
+            voxel_size_A = float(mrc.voxel_size.x)
+    except (ValueError, OSError) as exc:
+        raise PrimeInputError(f"not an MRC volume ({exc})", path) from None
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise PrimeInputError(f"expected a cubic 3D map, found shape {volume.shape} (z, y, x)", path)
+    if expected_box is not None and volume.shape[0] != expected_box:
+        raise PrimeInputError(
+            f"map box {volume.shape[0]} differs from the particles' box {expected_box}", path)
+    if not np.isfinite(volume).all():
+        raise PrimeInputError("map holds NaN or infinite voxels", path)
+    return volume, voxel_size_A
+
+
+def write_volume(path, volume, voxel_size_A):
+    """Write ``volume`` (float array (z, y, x)) as an MRC map with voxel size in Angstrom, atomically."""
+    path = Path(path)
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"write_volume expects a 3D array (z, y, x), got shape {volume.shape}")
+    folder = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mrc", dir=folder)
+    os.close(handle)
+    try:
+        with mrcfile.new(temporary, overwrite=True) as mrc:
+            mrc.set_data(volume)
+            mrc.voxel_size = float(voxel_size_A)
+            mrc.header.origin = (0.0, 0.0, 0.0)
+            mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
+            mrc.header.ispg = 1
+            mrc.update_header_stats()
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

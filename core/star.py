@@ -1,0 +1,308 @@
+"""RELION STAR files: particle tables in, RELION 3.1 layout out.
+
+Reading accepts RELION 3.0 particle files (one loop block, ``rlnOriginX/Y`` in
+pixels, pixel size from ``rlnDetectorPixelSize`` (um) and ``rlnMagnification``)
+and RELION 3.1+ files (``data_optics`` + ``data_particles``, ``rlnOriginXAngst/YAngst``).
+Both become one :class:`ParticleTable` in the 3.1 layout, converted the way
+``relion_convert_star`` converts (tested against it). Writing is always the 3.1
+layout. The round trip is lossless: unknown columns, extra blocks, block order
+and row order are kept, and floats are written in their shortest exact form.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from prime_plugin.core.errors import PrimeInputError
+
+STAR_VERSION_LINE = "# version 30001"
+
+# Per-particle columns of a RELION 3.0 file that RELION 3.1 keeps in the optics table.
+_OPTICS_COLUMNS_30 = ["rlnAmplitudeContrast", "rlnSphericalAberration", "rlnVoltage", "rlnBeamTiltX", "rlnBeamTiltY"]
+_PIXEL_COLUMNS_30 = ["rlnMagnification", "rlnDetectorPixelSize"]
+
+
+@dataclass
+class ParticleTable:
+    """Particles of one STAR file in the RELION 3.1 layout, with explicit units.
+
+    Attributes
+    ----------
+    particles : pandas.DataFrame
+        One row per particle in file order, RELION column names without the
+        leading underscore (``rlnImageName``, ``rlnOriginXAngst``...). Columns the
+        package does not know are kept as read.
+    optics : pandas.DataFrame
+        One row per optics group (``rlnOpticsGroup``, ``rlnImagePixelSize`` in A...).
+    other_blocks : dict
+        Every other block of the file, in file order (DataFrame for loops, dict
+        for key-value blocks); written back after the particles.
+    source : pathlib.Path or None
+        The file it was read from (image names resolve relative to its folder).
+    converted_from_30 : bool
+        True when the file was in the RELION 3.0 layout.
+    """
+
+    particles: pd.DataFrame
+    optics: pd.DataFrame
+    other_blocks: dict = field(default_factory=dict)
+    source: Path = None
+    converted_from_30: bool = False
+
+    def __len__(self):
+        return len(self.particles)
+
+    def optics_value(self, column):
+        """Per-particle values of optics-table ``column``, shape (n,)."""
+        if column not in self.optics.columns:
+            raise PrimeInputError(f"optics table has no {column} column", self.source)
+        lookup = pd.Series(self.optics[column].to_numpy(), index=self.optics["rlnOpticsGroup"].to_numpy())
+        return lookup.reindex(self.particles["rlnOpticsGroup"].to_numpy()).to_numpy()
+
+    @property
+    def pixel_size_A(self):
+        """Pixel size of each particle image in Angstrom, float64 (n,)."""
+        return self.optics_value("rlnImagePixelSize").astype(np.float64)
+
+    @property
+    def shifts_A(self):
+        """RELION origins (rlnOriginXAngst, rlnOriginYAngst) in Angstrom, (n, 2); zeros if absent."""
+        cols = ["rlnOriginXAngst", "rlnOriginYAngst"]
+        if not set(cols) <= set(self.particles.columns):
+            return np.zeros((len(self), 2))
+        return self.particles[cols].to_numpy(dtype=np.float64)
+
+    @property
+    def shifts_px(self):
+        """RELION origins in pixels of each particle's image, (n, 2)."""
+        return self.shifts_A / self.pixel_size_A[:, None]
+
+    @property
+    def angles_deg(self):
+        """(rot, tilt, psi) in degrees, (n, 3), or None when the file has no angles."""
+        cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+        if not set(cols) <= set(self.particles.columns):
+            return None
+        return self.particles[cols].to_numpy(dtype=np.float64)
+
+    def per_particle(self, column):
+        """Values of ``column`` for each particle, from the particle or the optics table."""
+        if column in self.particles.columns:
+            return self.particles[column].to_numpy()
+        return self.optics_value(column)
+
+
+# ---------------------------------------------------------------- reading
+
+def read_star_blocks(path):
+    """All data blocks of a STAR file, in file order: name -> DataFrame or dict.
+
+    Raises PrimeInputError naming the file if it is missing or not a STAR file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrimeInputError("file not found", path)
+    _check_looks_like_star(path)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile/pandas raise many kinds on malformed text
+        raise PrimeInputError(f"not a readable STAR file ({type(exc).__name__}: {exc})".splitlines()[0], path)
+    if not blocks:
+        raise PrimeInputError("no data blocks found: not a STAR file", path)
+    return dict(blocks)
+
+
+def _check_looks_like_star(path):
+    """Refuse binary or text files without a ``data_`` line before handing them to the parser."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if b"\0" in head:
+        raise PrimeInputError("binary file, not a STAR file", path)
+    text = head.decode("utf-8", errors="replace")
+    if not any(line.strip().startswith("data_") for line in text.splitlines()):
+        raise PrimeInputError("no 'data_' block: not a STAR file", path)
+
+
+def read_particles(path, pixel_size_A=None):
+    """Read a RELION 3.0 or 3.1+ particle STAR file into a :class:`ParticleTable`.
+
+    Parameters
+    ----------
+    path : str or Path
+    pixel_size_A : float, optional
+        Pixel size in Angstrom to use when the file carries none (3.0 files
+        without rlnMagnification/rlnDetectorPixelSize).
+    """
+    path = Path(path)
+    blocks = read_star_blocks(path)
+    if "particles" in blocks and "optics" in blocks:
+        table = _from_31(blocks, path)
+    else:
+        table = _from_30(blocks, path, pixel_size_A)
+    if len(table) == 0:
+        raise PrimeInputError("the particle table is empty", path)
+    return table
+
+
+def _loop_block(blocks, name, path):
+    block = blocks[name]
+    if not isinstance(block, pd.DataFrame):
+        raise PrimeInputError(f"data_{name} is not a loop_ table", path)
+    return block.reset_index(drop=True)
+
+
+def _from_31(blocks, path):
+    optics = _loop_block(blocks, "optics", path)
+    particles = _loop_block(blocks, "particles", path)
+    _require(particles, ["rlnImageName", "rlnOpticsGroup"], "data_particles", path)
+    _require(optics, ["rlnOpticsGroup", "rlnImagePixelSize"], "data_optics", path)
+    unknown = set(particles["rlnOpticsGroup"]) - set(optics["rlnOpticsGroup"])
+    if unknown:
+        raise PrimeInputError(f"particles refer to optics groups {sorted(unknown)} missing from data_optics", path)
+    others = {k: v for k, v in blocks.items() if k not in ("optics", "particles")}
+    return ParticleTable(particles, optics, others, path, converted_from_30=False)
+
+
+def _require(frame, columns, where, path):
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PrimeInputError(f"{where} lacks required column(s) {', '.join(missing)}", path)
+
+
+def _particle_block_name_30(blocks, path):
+    """The first loop block that names images (RELION 3.0 has no fixed block name)."""
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and "rlnImageName" in block.columns:
+            return name
+    raise PrimeInputError("no particle table: no loop_ block has an rlnImageName column", path)
+
+
+def _from_30(blocks, path, pixel_size_A):
+    """Convert a RELION 3.0 particle block to the 3.1 layout as relion_convert_star does."""
+    name = _particle_block_name_30(blocks, path)
+    old = _loop_block(blocks, name, path)
+    pixel = _pixel_size_30(old, path, pixel_size_A)
+    keys = pd.DataFrame({c: old[c] for c in _OPTICS_COLUMNS_30 if c in old.columns})
+    keys["rlnImagePixelSize"] = pixel
+    # Optics groups are the distinct optical set-ups, numbered in order of first appearance.
+    codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
+    group = codes + 1
+    optics = pd.DataFrame({"rlnOpticsGroup": np.arange(1, len(uniques) + 1),
+                           "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(uniques) + 1)]})
+    first_rows = keys.groupby(group, sort=True).head(1).reset_index(drop=True)
+    for column in keys.columns:
+        optics[column] = first_rows[column].to_numpy()
+    image_size = _image_size_of_first_stack(old["rlnImageName"].iloc[0], path)
+    if image_size is not None:
+        optics["rlnImageSize"] = image_size
+        optics["rlnImageDimensionality"] = 2
+
+    particles = old.drop(columns=[c for c in _OPTICS_COLUMNS_30 + _PIXEL_COLUMNS_30 if c in old.columns])
+    for axis in "XY":
+        if f"rlnOrigin{axis}" in particles.columns:
+            particles = particles.drop(columns=[f"rlnOrigin{axis}"])
+    particles["rlnOpticsGroup"] = group
+    for axis in "XY":
+        if f"rlnOrigin{axis}" in old.columns:
+            particles[f"rlnOrigin{axis}Angst"] = old[f"rlnOrigin{axis}"].to_numpy(dtype=np.float64) * pixel
+    others = {k: v for k, v in blocks.items() if k != name}
+    return ParticleTable(particles, optics, others, path, converted_from_30=True)
+
+
+def _pixel_size_30(old, path, pixel_size_A):
+    if pixel_size_A is not None:
+        return np.full(len(old), float(pixel_size_A))
+    if set(_PIXEL_COLUMNS_30) <= set(old.columns):
+        magnification = old["rlnMagnification"].to_numpy(dtype=np.float64)
+        detector_um = old["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
+        if np.any(magnification <= 0):
+            raise PrimeInputError("rlnMagnification must be positive", path)
+        return detector_um * 1e4 / magnification
+    if "rlnImagePixelSize" in old.columns:
+        return old["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    raise PrimeInputError(
+        "no pixel size: needs data_optics rlnImagePixelSize, or rlnMagnification and "
+        "rlnDetectorPixelSize (give --angpix)", path)
+
+
+def _image_size_of_first_stack(image_name, star_path):
+    """Box of the first particle's stack, or None if the stack cannot be found (as RELION)."""
+    from prime_plugin.core.images import resolve_image_path, split_image_name, stack_shape
+
+    _, stack = split_image_name(image_name, star_path)
+    found = resolve_image_path(stack, star_path)
+    return None if found is None else stack_shape(found)[-1]
+
+
+# ---------------------------------------------------------------- writing
+
+def write_particles(table, path):
+    """Write ``table`` as a RELION 3.1 STAR file (optics, particles, then other blocks).
+
+    The file appears atomically: it is written under a temporary name and renamed.
+    """
+    blocks = {"optics": table.optics, "particles": table.particles}
+    for name, block in table.other_blocks.items():
+        blocks[name] = block
+    write_star_blocks(blocks, path)
+
+
+def write_star_blocks(blocks, path):
+    """Write STAR blocks (name -> DataFrame for loops, dict for key-value pairs) atomically."""
+    path = Path(path)
+    chunks = []
+    for name, block in blocks.items():
+        chunks.append(f"\n{STAR_VERSION_LINE}\n\ndata_{name}\n\n")
+        chunks.append(_format_loop(block) if isinstance(block, pd.DataFrame) else _format_pairs(block))
+    write_text_atomically(path, "".join(chunks))
+
+
+def _format_loop(frame):
+    header = ["loop_"] + [f"_{column} #{i}" for i, column in enumerate(frame.columns, start=1)]
+    columns = [_format_column(frame[c]) for c in frame.columns]
+    rows = [" ".join(values) for values in zip(*columns)] if columns else []
+    return "\n".join(header + rows) + "\n\n"
+
+
+def _format_pairs(pairs):
+    width = max((len(k) for k in pairs), default=0) + 2
+    return "".join(f"_{key:<{width}}{_format_value(value)}\n" for key, value in pairs.items()) + "\n"
+
+
+def _format_column(series):
+    """Column values as strings; floats in their shortest exact (repr) form."""
+    values = series.to_numpy()
+    if values.dtype.kind == "f":
+        return [repr(float(v)) for v in values]
+    if values.dtype.kind in "iub":
+        return [str(int(v)) for v in values]
+    return [_format_value(v) for v in values]
+
+
+def _format_value(value):
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    text = str(value)
+    if text == "" or any(ch.isspace() for ch in text):
+        return '"' + text.replace('"', "'") + '"'
+    return text
+
+
+def write_text_atomically(path, text):
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

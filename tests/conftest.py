@@ -1,0 +1,61 @@
+"""Shared fixtures: the shared test data folder and RELION's programs as oracles.
+
+RELION-dependent tests skip visibly where RELION is absent. With
+``PRIME_REQUIRE_RELION=1`` (set by CI) a missing RELION program is a failure, so CI
+can never pass by skipping the cross-checks. The shared data folder
+(``../shared/data`` beside the repository, or ``PRIME_SHARED_DATA``) is handled
+the same way under ``CI``.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RELION_REQUIRED = os.environ.get("PRIME_REQUIRE_RELION") == "1"
+
+
+def _missing(message, required):
+    if required:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def relion_program(name):
+    """Path of RELION program ``name``; skips (or fails under PRIME_REQUIRE_RELION=1) if absent."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"RELION program {name} not on PATH (apt-get install relion)", RELION_REQUIRED)
+    return path
+
+
+class RelionRunner:
+    """Runs RELION programs in a folder, raising with RELION's own output on failure."""
+
+    def __call__(self, program, *args, cwd, timeout=600):
+        exe = relion_program(program)
+        cmd = [exe, *[str(a) for a in args]]
+        done = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        return done.stdout
+
+
+@pytest.fixture
+def relion():
+    """Callable ``relion(program, *args, cwd=folder) -> stdout``."""
+    return RelionRunner()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared test data folder (maps, STAR files, real particles)."""
+    folder = Path(os.environ.get("PRIME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not folder.is_dir():
+        _missing(f"shared test data not found at {folder} (set PRIME_SHARED_DATA)", bool(os.environ.get("CI")))
+    return folder
