@@ -22,10 +22,20 @@ def run(*cmd, cwd):
 
 
 def fresh_env(folder):
-    """A new virtual environment that sees this interpreter's packages (numpy...) but not the project."""
+    """A new virtual environment that sees this interpreter's packages (numpy...) but not the project.
+
+    The outer packages are offered through a folder of links that leaves out every
+    installed copy of this project, so the fresh install is the one imported.
+    """
     run(sys.executable, "-m", "venv", folder, cwd=folder.parent)
+    outer = Path(sysconfig.get_paths()["purelib"])
+    view = folder / "outer-packages"
+    view.mkdir()
+    for entry in outer.iterdir():
+        if not entry.name.startswith(("prime_plugin", "scipion_em_prime", "__editable__")):
+            (view / entry.name).symlink_to(entry)
     site = next((folder / "lib").glob("python*/site-packages"))
-    (site / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (site / "outer.pth").write_text(f"{view}\n")
     return folder / "bin"
 
 
