@@ -23,6 +23,15 @@ def _kernel_weight(distance, table, inv_step):
 
 
 @njit(inline="always")
+def _axis_sum(first_offset, width, table, inv_step):
+    """Sum of the kernel weights of one axis' neighbours (normalises interpolation weights)."""
+    total = 0.0
+    for t in range(width):
+        total += _kernel_weight(first_offset + t, table, inv_step)
+    return total
+
+
+@njit(inline="always")
 def _fold_x(gx, M):
     """Frequency index gx reduced to the range (-M/2, M/2]."""
     half = M // 2
@@ -36,6 +45,8 @@ def _sample_one(F, px, py, pz, width, table, inv_step):
     x0 = int(np.floor(px - half_w)) + 1
     y0 = int(np.floor(py - half_w)) + 1
     z0 = int(np.floor(pz - half_w)) + 1
+    norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step)
+                  * _axis_sum(z0 - pz, width, table, inv_step))
     re = 0.0
     im = 0.0
     for tz in range(width):
@@ -55,7 +66,7 @@ def _sample_one(F, px, py, pz, width, table, inv_step):
                     value = F[(-gz) % M, (-gy) % M, -gx]
                     re += w * value.real
                     im -= w * value.imag
-    return re, im
+    return re * norm, im * norm
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -86,6 +97,11 @@ def _insert_one(U, rho, px, py, pz, value_re, value_im, weight2, width, table, i
     x0 = int(np.floor(px - half_w)) + 1
     y0 = int(np.floor(py - half_w)) + 1
     z0 = int(np.floor(pz - half_w)) + 1
+    norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step)
+                  * _axis_sum(z0 - pz, width, table, inv_step))
+    value_re *= norm
+    value_im *= norm
+    weight2 *= norm
     for tz in range(width):
         gz = z0 + tz
         wz = _kernel_weight(gz - pz, table, inv_step)

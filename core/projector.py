@@ -83,7 +83,7 @@ class FourierProjector:
         self.box = volume.shape[0]
         self.padding = float(padding)
         self.kernel = kernel or GriddingKernel()
-        corrected = volume / correction_3d(self.kernel, self.box, self.padding, normalise=False)
+        corrected = volume / correction_3d(self.kernel, self.box, self.padding, normalise=True)
         self.transform = volume_half_transform(corrected, self.padding)
         self.padded_box = self.transform.shape[0]
         self._kernel_args = as_kernel_args(self.kernel)

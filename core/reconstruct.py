@@ -210,4 +210,4 @@ def backproject(sums, kernel=None):
     padded = np.fft.fftshift(scipy.fft.irfftn(sums.U, s=(M, M, M), workers=-1)) * (float(M) ** 3 / float(N) ** 2)
     start = M // 2 - N // 2
     volume = padded[start:start + N, start:start + N, start:start + N]
-    return (volume / correction_3d(kernel, N, sums.padding, normalise=False)).astype(np.float32)
+    return (volume / correction_3d(kernel, N, sums.padding, normalise=True)).astype(np.float32)

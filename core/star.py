@@ -90,6 +90,17 @@ class ParticleTable:
             return None
         return self.particles[cols].to_numpy(dtype=np.float64)
 
+    def particles_with_optics(self):
+        """The particle table with every optics column joined per particle (particle columns win).
+
+        For computations that need optics values per particle (CTF voltage, Cs...).
+        """
+        extra = [c for c in self.optics.columns if c not in self.particles.columns]
+        joined = self.particles.copy()
+        for column in extra:
+            joined[column] = self.optics_value(column)
+        return joined
+
     def per_particle(self, column):
         """Values of ``column`` for each particle, from the particle or the optics table."""
         if column in self.particles.columns:
