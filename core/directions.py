@@ -178,3 +178,30 @@ def directions_for_count(name, n_space):
     order = len(symmetry_operators(name))
     step_deg = np.degrees(np.sqrt(4.0 * np.pi / (int(n_space) * order)))
     return asymmetric_unit_directions(name, step_deg)
+
+
+def direction_neighbours(directions_deg, operators, count=8, block=1024):
+    """The ``count`` nearest other directions of each direction, symmetry mates included.
+
+    Parameters
+    ----------
+    directions_deg : (m, 2) (rot, tilt) in degrees, e.g. from :func:`asymmetric_unit_directions`.
+    operators : (order, 3, 3) the point group's rotations.
+
+    Returns
+    -------
+    ndarray, int64 (m, count): indices, nearest first (distance = smallest angle between
+    a direction and any symmetry mate of the other).
+    """
+    unit = projection_direction(directions_deg[:, 0], directions_deg[:, 1])
+    mates = np.einsum("sij,mj->smi", operators, unit)  # (order, m, 3)
+    count = min(count, len(unit) - 1)
+    out = np.empty((len(unit), count), np.int64)
+    for start in range(0, len(unit), block):
+        rows = unit[start:start + block]
+        cosine = np.einsum("bi,smi->bsm", rows, mates).max(axis=1)  # (b, m)
+        cosine[np.arange(len(rows)), np.arange(start, start + len(rows))] = -np.inf
+        nearest = np.argpartition(-cosine, count - 1, axis=1)[:, :count]
+        order = np.argsort(-np.take_along_axis(cosine, nearest, 1), axis=1, kind="stable")
+        out[start:start + len(rows)] = np.take_along_axis(nearest, order, 1)
+    return out

@@ -164,3 +164,41 @@ def as_kernel_args(kernel):
     """(width, table float64, inv_step) of a :class:`~prime_plugin.core.gridding.GriddingKernel`."""
     table, step = kernel.table()
     return int(kernel.width), np.ascontiguousarray(table), 1.0 / step
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def sample_planes(F2, kx, ky, scale, width, table, inv_step, out):
+    """out[i, j] = F2[i] at scale * (kx_j, ky_j), for half 2D grids F2 (n, M, M // 2 + 1).
+
+    F2 is numpy's ``rfft2`` layout of real padded images (index [y, x], y in FFT
+    order); points (m,) in unpadded image Fourier pixels; out complex64 (n, m).
+    Normalised kernel weights, as :func:`sample_sections`.
+    """
+    n = F2.shape[0]
+    M = F2.shape[1]
+    m = kx.shape[0]
+    half_w = 0.5 * width
+    for i in prange(n):
+        for j in range(m):
+            px = kx[j] * scale
+            py = ky[j] * scale
+            x0 = int(np.floor(px - half_w)) + 1
+            y0 = int(np.floor(py - half_w)) + 1
+            norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step))
+            re = 0.0
+            im = 0.0
+            for ty in range(width):
+                gy = y0 + ty
+                wy = _kernel_weight(gy - py, table, inv_step)
+                for tx in range(width):
+                    gx = _fold_x(x0 + tx, M)
+                    w = wy * _kernel_weight(x0 + tx - px, table, inv_step)
+                    if gx >= 0:
+                        value = F2[i, gy % M, gx]
+                        re += w * value.real
+                        im += w * value.imag
+                    else:
+                        value = F2[i, (-gy) % M, -gx]
+                        re += w * value.real
+                        im -= w * value.imag
+            out[i, j] = complex(re * norm, im * norm)

@@ -6,9 +6,12 @@ first against the working directory (RELION's project directory), then against
 the STAR file's folder. ``.mrcs`` and ``.mrc`` stacks are accepted, in float32,
 float16 (mode 12, written by RELION 4+) or any other MRC mode (returned as float32).
 Images are only ever read in chunks, so memory does not grow with the number of
-particles beyond the index arrays.
+particles beyond the index arrays: after each chunk is copied out, the mapped
+pages are handed back to the kernel (``madvise(MADV_DONTNEED)``), so that the
+process's resident set does not grow with the file pages it has read.
 """
 
+import mmap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -65,6 +68,13 @@ def stack_shape(path):
     except (ValueError, OSError) as exc:
         raise PrimeInputError(f"not an MRC image stack ({exc})", path) from None
     return max(nz, 1), ny, nx
+
+
+def _release_pages(data):
+    """Drop the mapped file pages of memory-mapped ``data`` from the resident set (page cache kept)."""
+    mapping = getattr(data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class ParticleImages:
@@ -166,6 +176,7 @@ class ParticleImages:
                 raise PrimeInputError(
                     f"image {self.index_in_stack[indices[k]] + 1} holds NaN or infinite pixels",
                     self.stack_paths[sid])
+            _release_pages(data)
         return out
 
     def chunks(self, chunk_size=512, indices=None):

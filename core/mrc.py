@@ -6,13 +6,12 @@ x, y, z, space group 1, statistics in the header) so that ChimeraX places them
 where RELION's own maps go; the file appears atomically (temporary name, rename).
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 
+from prime_plugin.core.atomic_files import atomic_output
 from prime_plugin.core.errors import PrimeInputError
 
 
@@ -58,10 +57,7 @@ def write_volume(path, volume, voxel_size_A):
     volume = np.ascontiguousarray(volume, dtype=np.float32)
     if volume.ndim != 3:
         raise ValueError(f"write_volume expects a 3D array (z, y, x), got shape {volume.shape}")
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mrc", dir=folder)
-    os.close(handle)
-    try:
+    with atomic_output(path) as temporary:
         with mrcfile.new(temporary, overwrite=True) as mrc:
             mrc.set_data(volume)
             mrc.voxel_size = float(voxel_size_A)
@@ -69,8 +65,3 @@ def write_volume(path, volume, voxel_size_A):
             mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
             mrc.header.ispg = 1
             mrc.update_header_stats()
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

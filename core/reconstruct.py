@@ -126,6 +126,19 @@ class Backprojector:
         image_of : (k,) image row of each orientation (default: one orientation per image).
         weights : (k,) orientation weights tau (default 1).
         """
+        threads = thread_count()
+        U = np.zeros((threads,) + sums.U.shape, np.complex64)
+        rho = np.zeros((threads,) + sums.rho.shape, np.float32)
+        self.insert_per_thread(U, rho, data, ctf2, rotations, image_of, weights)
+        sums.U += U.sum(axis=0)
+        sums.rho += rho.sum(axis=0)
+
+    def insert_per_thread(self, U, rho, data, ctf2, rotations, image_of=None, weights=None):
+        """As :meth:`insert`, into per-thread accumulators that the caller sums over axis 0 when done.
+
+        U : complex64 (T, M, M, M // 2 + 1), rho : float32 (same shape), any T >= 1;
+        for many batches this saves the allocation and the reduction of every call.
+        """
         rotations = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
         k = len(rotations)
         image_of = np.arange(k, dtype=np.int64) if image_of is None else np.asarray(image_of, np.int64)
@@ -135,15 +148,10 @@ class Backprojector:
             rotations = np.einsum("kij,sjl->ksil", rotations, self.symmetry_ops).reshape(-1, 3, 3)
             image_of = np.repeat(image_of, s)
             weights = np.repeat(weights, s)
-        threads = thread_count()
-        U = np.zeros((threads,) + sums.U.shape, np.complex64)
-        rho = np.zeros((threads,) + sums.rho.shape, np.float32)
         width, table, inv_step = self._kernel_args
         insert_sections(U, rho, np.ascontiguousarray(data, np.complex64), np.ascontiguousarray(ctf2, np.float32),
                         image_of, np.ascontiguousarray(rotations), weights, self.kx.astype(np.float64),
-                        self.ky.astype(np.float64), self.column_weight, sums.padding, width, table, inv_step)
-        sums.U += U.sum(axis=0)
-        sums.rho += rho.sum(axis=0)
+                        self.ky.astype(np.float64), self.column_weight, self.padding, width, table, inv_step)
 
     def insert_images(self, sums, images, rotations, shifts_px=None, ctf=None, image_of=None, weights=None):
         """Transform real images (n, N, N) and insert them (see :meth:`image_transforms`, :meth:`insert`)."""

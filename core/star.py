@@ -9,8 +9,6 @@ layout. The round trip is lossless: unknown columns, extra blocks, block order
 and row order are kept, and floats are written in their shortest exact form.
 """
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from prime_plugin.core.atomic_files import write_text_atomically
 from prime_plugin.core.errors import PrimeInputError
 
 STAR_VERSION_LINE = "# version 30001"
@@ -302,18 +301,3 @@ def _format_value(value):
     if text == "" or any(ch.isspace() for ch in text):
         return '"' + text.replace('"', "'") + '"'
     return text
-
-
-def write_text_atomically(path, text):
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

@@ -46,7 +46,7 @@ class RelionRunner:
         return done.stdout
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def relion():
     """Callable ``relion(program, *args, cwd=folder) -> stdout``."""
     return RelionRunner()

@@ -103,4 +103,7 @@ def test_volume_round_trip_and_header_like_relion(tmp_path, relion):
     for field in ("cella", "cellb", "origin"):
         np.testing.assert_allclose(np.array(ours[field].tolist()), np.array(theirs[field].tolist()), err_msg=field)
     np.testing.assert_allclose(float(ours.rms), float(volume.std()), rtol=1e-4)
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.mrc")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "ours.mrc").st_mode & 0o777 == 0o666 & ~umask  # a new file's permissions

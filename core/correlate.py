@@ -1,0 +1,110 @@
+"""Rotational correlation of polar Fourier transforms, all in-plane angles at once.
+
+For a reference Y and a particle X (CTF-multiplied) on the same polar grid, the
+correlation at in-plane angle psi_m = 2 pi m / n_rot is
+
+    lambda_m = sum_k sum_n Re[ Y(k, n + m) conj X(k, n) ] / Nrm,   n over the full ring,
+    Nrm      = sqrt( sum_k P_Y(k) c2(k) * sum_k P_X(k) ),
+
+P_Y, P_X the ring powers (full ring), c2 the particle's ring-mean CTF^2 (1 without
+CTF). With Y at psi = 0 and X(k, phi) = Y(k, phi + psi) for the true psi, lambda
+peaks at m = psi / psi_step (RELION's psi).
+
+By the circular convolution theorem, with ring spectra Yh_k(q), Xh_k(q) (DFT along
+the full ring), C(q) = sum_k Yh_k(q) conj Xh_k(q) and lambda = IDFT(C). Friedel
+symmetry makes lambda real, so C is Hermitian: only q = 0 .. n_rot/2 is formed (one
+complex matrix multiply over k per q, batched over references x particles) and one
+real inverse FFT of length n_rot gives every angle: half the matrix work and half
+the transform work of the plain complex path (:func:`transform_work`).
+"""
+
+import numpy as np
+import scipy.fft
+
+
+def ring_spectra(sections):
+    """DFT along the full ring, frequencies q = 0 .. n_rot/2: complex64 (B, K, n_rot/2 + 1).
+
+    sections : (B, K, n_rot/2) half rings; the other half is conj by Friedel symmetry.
+    """
+    full = np.concatenate([sections, np.conj(sections)], axis=-1)
+    n_half = sections.shape[-1]
+    return scipy.fft.fft(full, axis=-1, workers=-1)[..., :n_half + 1].astype(np.complex64)
+
+
+def ring_powers(sections):
+    """Power of each full ring, sum_phi |X|^2, float32 (B, K)."""
+    return (2.0 * (np.abs(sections.astype(np.complex128)) ** 2).sum(axis=-1)).astype(np.float32)
+
+
+def normalisers(reference_powers, particle_powers, particle_ctf2=None):
+    """Nrm for every (reference, particle) pair, float32 (R, P).
+
+    reference_powers (R, K), particle_powers (P, K), particle_ctf2 (P, K) ring means or None.
+    """
+    ref = np.asarray(reference_powers, np.float64)
+    if particle_ctf2 is None:
+        weighted = np.repeat(ref.sum(axis=1, keepdims=True), len(particle_powers), axis=1)
+    else:
+        weighted = ref @ np.asarray(particle_ctf2, np.float64).T
+    total = np.asarray(particle_powers, np.float64).sum(axis=1)
+    return np.sqrt(np.maximum(weighted * total[None, :], 1e-30)).astype(np.float32)
+
+
+def rotational_correlations(reference_spectra, particle_spectra, norms, n_rot):
+    """lambda for every reference x particle x in-plane angle, float32 (R, P, n_rot).
+
+    reference_spectra (R, K, Q), particle_spectra (P, K, Q) from :func:`ring_spectra`
+    (Q = n_rot/2 + 1); norms (R, P) from :func:`normalisers`.
+    """
+    ref = np.ascontiguousarray(np.moveaxis(reference_spectra, -1, 0))                # (Q, R, K)
+    ptcl = np.ascontiguousarray(np.moveaxis(np.conj(particle_spectra), -1, 0))       # (Q, P, K)
+    cross = np.matmul(ref, np.swapaxes(ptcl, 1, 2))                                  # (Q, R, P)
+    lam = scipy.fft.irfft(cross, n=n_rot, axis=0, workers=-1)                        # (n_rot, R, P)
+    return np.moveaxis(lam / norms[None], 0, -1).astype(np.float32, copy=False)
+
+
+def rotational_correlations_complex(reference_sections, particle_sections, norms):
+    """The plain complex path (no Friedel saving): full rings, complex FFTs; for tests and counts."""
+    def full_spectra(s):
+        return scipy.fft.fft(np.concatenate([s, np.conj(s)], axis=-1), axis=-1, workers=-1)
+    ref = np.moveaxis(full_spectra(reference_sections), -1, 0)
+    ptcl = np.moveaxis(np.conj(full_spectra(particle_sections)), -1, 0)
+    cross = np.matmul(ref, np.swapaxes(ptcl, 1, 2))
+    lam = scipy.fft.ifft(cross, axis=0, workers=-1).real
+    return np.moveaxis(lam / norms[None], 0, -1).astype(np.float32)
+
+
+def best_rotations(reference_spectra, particle_spectra, norms, n_rot):
+    """Best in-plane index and correlation of every reference x particle pair: (int64 (R, P), float32 (R, P)).
+
+    The same numbers as :func:`rotational_correlations` followed by :func:`best_in_plane`,
+    without materialising the normalised (R, P, n_rot) array (the norm is positive,
+    so it is applied after the maximum).
+    """
+    ref = np.ascontiguousarray(np.moveaxis(reference_spectra, -1, 0))
+    ptcl = np.ascontiguousarray(np.moveaxis(np.conj(particle_spectra), -1, 0))
+    lam = scipy.fft.irfft(np.matmul(ref, np.swapaxes(ptcl, 1, 2)), n=n_rot, axis=0, workers=-1)
+    index = lam.argmax(axis=0)
+    best = np.take_along_axis(lam, index[None], axis=0)[0]
+    return index, (best / norms).astype(np.float32)
+
+
+def best_in_plane(correlations):
+    """Best angle index and value for each pair: (int64 (R, P), float32 (R, P))."""
+    index = correlations.argmax(axis=-1)
+    return index, np.take_along_axis(correlations, index[..., None], axis=-1)[..., 0]
+
+
+def transform_work(n_rot, n_rings):
+    """Per-pair real flops of both paths: matrix work over rings and the inverse transform.
+
+    Counts: a complex multiply-add is 8 real flops; a complex FFT of length n costs
+    5 n log2 n, a real one half of it.
+    """
+    log_n = np.log2(n_rot)
+    plain = {"matrix": 8.0 * n_rings * n_rot, "inverse_fft": 5.0 * n_rot * log_n}
+    friedel = {"matrix": 8.0 * n_rings * (n_rot // 2 + 1), "inverse_fft": 2.5 * n_rot * log_n}
+    return {"plain": plain, "friedel": friedel,
+            "saving_matrix": 1.0 - friedel["matrix"] / plain["matrix"],
+            "saving_transform": 1.0 - friedel["inverse_fft"] / plain["inverse_fft"]}

@@ -1,0 +1,80 @@
+"""Particle images made by relion_project with known angles, shifts and CTFs (test oracle data).
+
+The clean projections come from RELION's own program; noise is added here, white
+and Gaussian, at an SNR defined as in the issues: the mean variance of the clean
+CTF-modulated projections over the whole box divided by the noise variance.
+"""
+
+from dataclasses import dataclass
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+from scipy.spatial.transform import Rotation
+
+from prime_plugin.core.geometry import matrix_to_euler
+
+
+@dataclass
+class RelionDataset:
+    """Clean images (n, N, N) float32 with their true angles (n, 3) deg, origins (n, 2) px, defocus (n, 3)."""
+
+    clean: np.ndarray
+    angles_deg: np.ndarray
+    origins_px: np.ndarray
+    defocus: np.ndarray
+    pixel_size_A: float
+
+    def noisy(self, snr, seed):
+        """The images with white Gaussian noise at ``snr``, float32."""
+        sigma = np.sqrt(self.clean.var(axis=(1, 2)).mean() / snr)
+        rng = np.random.default_rng(seed)
+        return (self.clean + sigma * rng.standard_normal(self.clean.shape)).astype(np.float32)
+
+
+def random_poses(n, seed, max_shift_px):
+    """Uniform random orientations (n, 3) deg and origins (n, 2) px uniform in a disc."""
+    rng = np.random.default_rng(seed)
+    angles = np.stack(matrix_to_euler(Rotation.random(n, random_state=seed).as_matrix()), axis=1)
+    radius = max_shift_px * np.sqrt(rng.uniform(0, 1, n))
+    direction = rng.uniform(0, 2 * np.pi, n)
+    return angles, np.column_stack([radius * np.cos(direction), radius * np.sin(direction)])
+
+
+def write_projection_star(path, angles_deg, origins_px, defocus, box, pixel_size_A):
+    """A RELION 3.1 STAR for relion_project --ang; defocus (n, 3) = (U, V, angle) or None."""
+    n = len(angles_deg)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [pixel_size_A], "rlnImageSize": [box],
+                           "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1}@dummy.mrcs" for i in range(n)],
+                              "rlnAngleRot": angles_deg[:, 0], "rlnAngleTilt": angles_deg[:, 1],
+                              "rlnAnglePsi": angles_deg[:, 2],
+                              "rlnOriginXAngst": origins_px[:, 0] * pixel_size_A,
+                              "rlnOriginYAngst": origins_px[:, 1] * pixel_size_A, "rlnOpticsGroup": 1})
+    if defocus is not None:
+        particles["rlnDefocusU"], particles["rlnDefocusV"], particles["rlnDefocusAngle"] = defocus.T
+    starfile.write({"optics": optics, "particles": particles}, path, float_format="%.8f")
+
+
+def relion_projections(relion, folder, volume, pixel_size_A, angles_deg, origins_px, defocus=None):
+    """Project ``volume`` with relion_project at the given poses (with --ctf when defocus is given).
+
+    Angles, origins and defocus are read back from the STAR as written (rounded), so the
+    returned truth is exactly what RELION used.
+    """
+    box = volume.shape[0]
+    with mrcfile.new(folder / "map.mrc", overwrite=True) as mrc:
+        mrc.set_data(np.asarray(volume, np.float32))
+        mrc.voxel_size = pixel_size_A
+    write_projection_star(folder / "poses.star", angles_deg, origins_px, defocus, box, pixel_size_A)
+    args = ["--i", "map.mrc", "--o", "proj", "--ang", "poses.star", "--angpix", pixel_size_A]
+    relion("relion_project", *args, *(["--ctf"] if defocus is not None else []), cwd=folder)
+    written = starfile.read(folder / "poses.star")["particles"]
+    angles = written[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)
+    origins = written[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64) / pixel_size_A
+    written_defocus = None if defocus is None else written[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()
+    clean = mrcfile.read(folder / "proj.mrcs").astype(np.float32)
+    return RelionDataset(clean, angles, origins, written_defocus, pixel_size_A)
