@@ -81,6 +81,10 @@ class CtfParams:
             raise PrimeInputError(f"rlnAmplitudeContrast must lie in [0, 1], got {q0[(q0 < 0) | (q0 > 1)][0]}", path)
         return cls(**values)
 
+    def take(self, rows):
+        """The parameters of particles ``rows`` (int array) of per-particle parameters."""
+        return CtfParams(**{f.name: np.asarray(getattr(self, f.name))[rows] for f in fields(self)})
+
     def __len__(self):
         """Number of particles (1 for scalar parameters)."""
         return int(np.size(self.defocus_u_A))

@@ -27,7 +27,8 @@ from .errors import PrimeInputError
 from .geometry import direction_to_angles, projection_direction
 from .symmetry import symmetry_operators
 
-__all__ = ["asymmetric_unit_directions", "directions_for_count", "canonical_mates", "ASU_REFERENCE"]
+__all__ = ["asymmetric_unit_directions", "directions_for_count", "canonical_mates", "direction_neighbours",
+           "coarse_subset", "ASU_REFERENCE"]
 
 # Generic: tilt 11.3 deg, rot 23.9 deg, on no axis of any supported group.
 ASU_REFERENCE = projection_direction(23.9, 11.3)
@@ -205,3 +206,18 @@ def direction_neighbours(directions_deg, operators, count=8, block=1024):
         order = np.argsort(-np.take_along_axis(cosine, nearest, 1), axis=1, kind="stable")
         out[start:start + len(rows)] = np.take_along_axis(nearest, order, 1)
     return out
+
+
+def coarse_subset(directions_deg, operators, fraction=0.25):
+    """Indices of about ``fraction`` of the directions, spread as evenly as a coarser grid.
+
+    The nearest direction (symmetry mates included) to each point of a coarser
+    quasi-uniform lattice of the asymmetric unit; used to start an exhaustive search coarsely.
+    """
+    unit = projection_direction(directions_deg[:, 0], directions_deg[:, 1])
+    mates = np.einsum("sij,mj->smi", operators, unit)
+    wanted = max(1, int(round(fraction * len(unit))))
+    lattice = _fibonacci_sphere(wanted * len(operators))
+    coarse = lattice[canonical_mates(lattice, operators) == 0]
+    nearest = np.einsum("ci,smi->csm", coarse, mates).max(axis=1).argmax(axis=1)
+    return np.unique(nearest)

@@ -112,6 +112,7 @@ class ParticleImages:
                     table.source)
             self.stack_paths.append(found)
             shapes.append(stack_shape(found))
+        self._stack_names = list(stacks)
         self._check_indices(shapes, names)
         self.box = self._common_box(shapes, table)
         self._open = OrderedDict()
@@ -143,6 +144,22 @@ class ParticleImages:
 
     def __len__(self):
         return len(self.stack_id)
+
+    def names_from_working_directory(self):
+        """RELION image names (n,) that resolve from the working directory, as RELION resolves them.
+
+        Names whose stack was found beside the STAR file (not from the working directory)
+        get that stack's path relative to the working directory; the others are unchanged.
+        For STAR files written elsewhere (e.g. a refinement's run_data.star).
+        """
+        import os
+
+        fixed = []
+        for name, found in zip(self._stack_names, self.stack_paths):
+            fixed.append(name if Path(name).is_absolute() or Path(name).resolve() == found.resolve()
+                         else os.path.relpath(found))
+        stacks = np.array(fixed, dtype=object)[self.stack_id]
+        return [f"{i + 1:06d}@{stack}" for i, stack in zip(self.index_in_stack, stacks)]
 
     def _stack_data(self, sid):
         """Memory-mapped data of stack ``sid`` as (n, ny, nx); a few stacks stay open."""

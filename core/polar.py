@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
+from prime_plugin.core.correlate import ring_powers, ring_spectra
 from prime_plugin.core.ctf import ctf_at
 from prime_plugin.core.fourier_grid_kernels import as_kernel_args, sample_planes
 from prime_plugin.core.gridding import GriddingKernel
@@ -86,10 +87,10 @@ def reference_sections(projector, rotations, grid):
     return values.reshape(len(values), len(grid.rings), grid.n_half)
 
 
-def normalise_and_mask(images, mask_radius_px, edge_px=4.0):
+def normalise_and_mask(images, mask_radius_px, edge_px=4.0, mask=True):
     """Zero mean and unit deviation on the background (outside the mask), then a soft circular mask.
 
-    images : (P, N, N) float; returns float32 (P, N, N).
+    images : (P, N, N) float; returns float32 (P, N, N). With ``mask=False`` only normalised.
     """
     images = np.asarray(images, dtype=np.float32)
     box = images.shape[-1]
@@ -101,9 +102,11 @@ def normalise_and_mask(images, mask_radius_px, edge_px=4.0):
     mean = images[:, background].mean(axis=1)
     std = images[:, background].std(axis=1)
     std = np.where(std > 0, std, 1.0)
+    normalised = (images - mean[:, None, None]) / std[:, None, None]
+    if not mask:
+        return normalised.astype(np.float32)
     ramp = np.clip((mask_radius_px + edge_px - radius) / edge_px, 0.0, 1.0)
-    mask = (0.5 - 0.5 * np.cos(np.pi * ramp)).astype(np.float32)
-    return ((images - mean[:, None, None]) / std[:, None, None]) * mask
+    return normalised * (0.5 - 0.5 * np.cos(np.pi * ramp)).astype(np.float32)
 
 
 def _correction_2d(kernel, box, padding):
@@ -125,8 +128,10 @@ def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None,
 
     Returns
     -------
-    sections : complex64 (P, K, n_rot // 2)
-    ctf2_ring_mean : float32 (P, K), mean of CTF^2 over each ring (ones without CTF).
+    PolarParticles
+        sections complex64 (P, K, n_rot // 2) (CTF-multiplied), ctf2 float32 (P, K) the
+        ring means of CTF^2 (ones without CTF), powers float32 (P, K) the ring powers
+        of the particles as observed (before the CTF multiplication).
     """
     kernel = kernel or GriddingKernel()
     images = np.asarray(images, dtype=np.float32)
@@ -145,6 +150,7 @@ def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None,
     sections = out.reshape(P, len(grid.rings), grid.n_half)
     if shifts_px is not None:
         sections = apply_shifts(sections, grid, shifts_px)
+    powers = ring_powers(sections)
     ctf2 = np.ones((P, len(grid.rings)), np.float32)
     if ctf is not None:
         if pixel_size_A is None:
@@ -152,7 +158,27 @@ def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None,
         values = ctf_at(ctf, (kx / (box * pixel_size_A))[None], (ky / (box * pixel_size_A))[None])
         sections = sections * values
         ctf2 = (values.astype(np.float64) ** 2).mean(axis=-1).astype(np.float32)
-    return sections.astype(np.complex64), ctf2
+    return PolarParticles(sections.astype(np.complex64), ctf2, powers)
+
+
+@dataclass
+class PolarParticles:
+    """Particles on a polar grid (see :func:`particle_sections`); arrays indexed by particle first."""
+
+    sections: np.ndarray
+    ctf2: np.ndarray
+    powers: np.ndarray
+
+    def __len__(self):
+        return len(self.sections)
+
+    def take(self, rows):
+        """The particles ``rows`` (int array)."""
+        return PolarParticles(self.sections[rows], self.ctf2[rows], self.powers[rows])
+
+    def centred_spectra(self, grid, shifts_px):
+        """Ring spectra (P, K, h + 1) of the particles centred by RELION origins ``shifts_px`` (P, 2)."""
+        return ring_spectra(apply_shifts(self.sections, grid, shifts_px))
 
 
 def apply_shifts(sections, grid, shifts_px):

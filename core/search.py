@@ -19,7 +19,7 @@ import scipy.fft
 
 from prime_plugin.core.correlate import best_rotations, normalisers, ring_powers, ring_spectra
 from prime_plugin.core.geometry import euler_to_matrix
-from prime_plugin.core.polar import apply_shifts, reference_sections
+from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
 
 
@@ -44,19 +44,6 @@ class PolarReferences:
 
     def __len__(self):
         return len(self.directions_deg)
-
-
-@dataclass
-class PolarParticles:
-    """Particles on the polar grid: sections (P, K, h) CTF-multiplied and not shifted, ctf2 (P, K)."""
-
-    sections: np.ndarray
-    ctf2: np.ndarray
-
-    def centred_spectra(self, grid, shifts_px):
-        """Ring spectra (P, K, h + 1) and ring powers (P, K) of the particles centred by ``shifts_px``."""
-        centred = apply_shifts(self.sections, grid, shifts_px)
-        return ring_spectra(centred), ring_powers(centred)
 
 
 @dataclass
@@ -122,25 +109,28 @@ def shift_candidates(radius_px, step_px):
     return grid[np.argsort(np.hypot(grid[:, 0], grid[:, 1]), kind="stable")]
 
 
-def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=256, offsets_px=None):
-    """Score every direction for every particle at its shift (plus each of ``offsets_px`` (S, 2)).
+def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=256, offsets_px=None,
+                      directions=None):
+    """Score every direction (or the subset ``directions``) for every particle at its shift
+    (plus each of ``offsets_px`` (S, 2)).
 
     Returns the n_peaks best (value, direction, psi) per particle, the shift of the best
-    peak (P, 2), and the fraction of directions visited (all).
+    peak (P, 2), and the fraction of all directions visited.
     """
     offsets_px = np.zeros((1, 2)) if offsets_px is None else np.asarray(offsets_px, np.float64)
+    directions = np.arange(len(references)) if directions is None else np.asarray(directions, np.int64)
     best = _empty_peaks(len(shifts_px), n_peaks)
     best_shift = np.array(shifts_px, np.float64)
     for offset in offsets_px:
-        spectra, powers = particles.centred_spectra(grid, shifts_px + offset)
-        for start in range(0, len(references), block):
-            rows = np.arange(start, min(start + block, len(references)))
+        spectra, powers = particles.centred_spectra(grid, shifts_px + offset), particles.powers
+        for start in range(0, len(directions), block):
+            rows = directions[start:start + block]
             psi, values = _block_scores(references, rows, spectra, powers, particles.ctf2, grid.n_rot)
             previous_top = best[0][:, 0].copy()
             best = _merge_peaks(best, values, psi, rows, n_peaks)
             improved = best[0][:, 0] > previous_top
             best_shift[improved] = shifts_px[improved] + offset
-    return best, best_shift, np.ones(len(shifts_px))
+    return best, best_shift, np.full(len(shifts_px), len(directions) / len(references))
 
 
 def previous_scores(references, spectra, powers, ctf2, directions, psi_index, n_rot):
@@ -155,7 +145,7 @@ def previous_scores(references, spectra, powers, ctf2, directions, psi_index, n_
 def shc_search(references, particles, grid, shifts_px, previous_direction, previous_psi, rng,
                n_peaks=1, block=64):
     """Stochastic hill climbing from previous orientations; returns (peaks, fraction_visited)."""
-    spectra, powers = particles.centred_spectra(grid, shifts_px)
+    spectra, powers = particles.centred_spectra(grid, shifts_px), particles.powers
     n_particles, n_dirs = len(spectra), len(references)
     previous_direction = np.asarray(previous_direction, np.int64)
     previous_psi = np.asarray(previous_psi, np.int64)
@@ -219,7 +209,7 @@ def local_ascent(references, neighbours, spectra, powers, ctf2, peaks, n_rot, ma
 
 
 def search_particles(references, particles, grid, shifts_px, rng, previous=None, n_peaks=1, sigma=0.005,
-                     trs_px=None, shift_step_px=1.0, refine_shifts=True, neighbours=None):
+                     trs_px=None, shift_step_px=1.0, refine_shifts=True, neighbours=None, coarse=None):
     """Search orientations (SHC from ``previous`` = (direction, psi) arrays, else exhaustive) and shifts.
 
     shifts_px : (P, 2) start origins. trs_px : shift search radius (px; None or 0: no shift search).
@@ -227,16 +217,22 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     L-BFGS-B then refines within +/- shift_step_px of the best grid point (SHC: of the start).
     neighbours : (D, k) direction neighbour table; with it, SHC's accepted direction is
     polished by steepest ascent over neighbouring directions (:func:`local_ascent`).
+    coarse : indices of a coarser subset of the directions; with it (and ``neighbours``) the
+    exhaustive search scores only that subset, then climbs the full grid from its best.
     """
     shifts_px = np.asarray(shifts_px, np.float64).reshape(-1, 2)
     if previous is None:
         offsets = shift_candidates(trs_px, shift_step_px) if refine_shifts else None
         peaks, start_shifts, fraction = exhaustive_search(references, particles, grid, shifts_px, n_peaks,
-                                                          offsets_px=offsets)
+                                                          offsets_px=offsets, directions=coarse)
+        if coarse is not None and neighbours is not None:
+            spectra = particles.centred_spectra(grid, start_shifts)
+            scored = local_ascent(references, neighbours, spectra, particles.powers, particles.ctf2, peaks, grid.n_rot)
+            fraction = np.minimum(fraction + scored / len(references), 1.0)
     else:
         peaks, fraction = shc_search(references, particles, grid, shifts_px, previous[0], previous[1], rng, n_peaks)
         if neighbours is not None:
-            spectra, powers = particles.centred_spectra(grid, shifts_px)
+            spectra, powers = particles.centred_spectra(grid, shifts_px), particles.powers
             scored = local_ascent(references, neighbours, spectra, powers, particles.ctf2, peaks, grid.n_rot)
             fraction = np.minimum(fraction + scored / len(references), 1.0)
         start_shifts = shifts_px
@@ -246,7 +242,7 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
         for i in range(len(shifts)):
             j = directions[i, 0]
             norm = float(np.sqrt(max((references.powers[j] * particles.ctf2[i]).sum()
-                                     * ring_powers(particles.sections[i:i + 1]).sum(), 1e-30)))
+                                     * particles.powers[i].sum(), 1e-30)))
             shift, m, value, _ = refine_shift(references.sections[j], particles.sections[i], norm, grid,
                                               start_shifts[i], shift_step_px)
             if value >= values[i, 0]:

@@ -78,3 +78,29 @@ def relion_projections(relion, folder, volume, pixel_size_A, angles_deg, origins
     written_defocus = None if defocus is None else written[["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].to_numpy()
     clean = mrcfile.read(folder / "proj.mrcs").astype(np.float32)
     return RelionDataset(clean, angles, origins, written_defocus, pixel_size_A)
+
+
+def write_particle_stack(folder, images, data, with_angles=False, name="particles"):
+    """Write images (n, N, N) as ``name``.mrcs and a RELION 3.1 ``name``.star with CTF columns.
+
+    The STAR carries the optics, image names, defocus and rlnRandomSubset (alternating);
+    angles and origins only when ``with_angles`` (a refinement's input has neither).
+    """
+    n, box = len(images), images.shape[-1]
+    with mrcfile.new(folder / f"{name}.mrcs", overwrite=True) as mrc:
+        mrc.set_data(np.asarray(images, np.float32))
+        mrc.voxel_size = data.pixel_size_A
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [data.pixel_size_A], "rlnImageSize": [box],
+                           "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{name}.mrcs" for i in range(n)], "rlnOpticsGroup": 1,
+                              "rlnRandomSubset": np.arange(n) % 2 + 1})
+    if data.defocus is not None:
+        particles["rlnDefocusU"], particles["rlnDefocusV"], particles["rlnDefocusAngle"] = data.defocus.T
+    if with_angles:
+        particles["rlnAngleRot"], particles["rlnAngleTilt"], particles["rlnAnglePsi"] = data.angles_deg.T
+        particles["rlnOriginXAngst"] = data.origins_px[:, 0] * data.pixel_size_A
+        particles["rlnOriginYAngst"] = data.origins_px[:, 1] * data.pixel_size_A
+    starfile.write({"optics": optics, "particles": particles}, folder / f"{name}.star", float_format="%.8f")
+    return folder / f"{name}.star"

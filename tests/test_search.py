@@ -13,7 +13,7 @@ from prime_plugin.core.directions import asymmetric_unit_directions
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import PolarGrid, default_n_rot, normalise_and_mask, particle_sections
 from prime_plugin.core.projector import FourierProjector
-from prime_plugin.core.search import PolarParticles, PolarReferences, search_particles, softmax_weights
+from prime_plugin.core.search import PolarReferences, search_particles, softmax_weights
 from prime_plugin.core.shifts import refine_shift, rotated_half_rings, shift_objective
 from relion_datasets import random_poses, relion_projections
 
@@ -132,8 +132,8 @@ def relion_clean(ribosome, tmp_path_factory, relion):
 @pytest.mark.relion
 def test_noise_free_exhaustive_search_recovers_orientations_and_shifts(relion_clean, engine):
     references, grid, step = engine
-    X, ctf2 = particle_sections(normalise_and_mask(relion_clean.clean, MASK), grid)
-    result = search_particles(references, PolarParticles(X, ctf2), grid, np.zeros((200, 2)),
+    particles = particle_sections(normalise_and_mask(relion_clean.clean, MASK), grid)
+    result = search_particles(references, particles, grid, np.zeros((200, 2)),
                               np.random.default_rng(0), trs_px=4.5, shift_step_px=2.0)
     errors = angular_errors(relion_clean.angles_deg, found_matrices(result, references, grid))
     shift_errors = np.linalg.norm(result.shift_px - relion_clean.origins_px, axis=1)
@@ -160,8 +160,8 @@ def noisy_engine(ribosome, engine, relion_noisy):
     references, _, step = engine
     grid = PolarGrid(BOX, 2, 18, default_n_rot(MASK))
     references = PolarReferences.from_projector(FourierProjector(ribosome), references.directions_deg, grid)
-    X, ctf2 = particle_sections(normalise_and_mask(noisy, MASK), grid, ctf=ctf, pixel_size_A=PIXEL)
-    return references, PolarParticles(X, ctf2), grid, step
+    particles = particle_sections(normalise_and_mask(noisy, MASK), grid, ctf=ctf, pixel_size_A=PIXEL)
+    return references, particles, grid, step
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_lbfgsb_ends_no_worse_than_nelder_mead(relion_noisy, noisy_engine):
     for i in range(40):
         j = truth[i]
         norm = float(np.sqrt((references.powers[j] * particles.ctf2[i]).sum()
-                             * ring_powers(particles.sections[i:i + 1]).sum()))
+                             * particles.powers[i].sum()))
         for method in finals:
             _, _, value, _ = refine_shift(references.sections[j], particles.sections[i], norm, grid,
                                           np.zeros(2), 4.5, method=method)

@@ -8,11 +8,11 @@ output becomes one line on stderr and exit status 2, never a traceback.
 import argparse
 import sys
 
-from prime_plugin.cli import benchmark, check, convert_star, demo, reconstruct, simulate, symmetry
+from prime_plugin.cli import benchmark, check, convert_star, demo, reconstruct, refine, simulate, symmetry
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.version import __version__
 
-COMMANDS = [demo, check, convert_star, symmetry, simulate, reconstruct, benchmark]
+COMMANDS = [demo, refine, check, convert_star, symmetry, simulate, reconstruct, benchmark]
 
 
 def command_name(module):

@@ -1,0 +1,173 @@
+"""Everything a refinement derives once from its inputs, checked before anything is written.
+
+The particles (STAR, images, CTF, half-sets), the starting reference (resampled to the
+particles' pixel size and box when needed, low-passed to the initial resolution), the
+masks, the projection directions of the asymmetric unit and the polar sampling.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prime_plugin.core.ctf import CtfParams
+from prime_plugin.core.directions import coarse_subset, direction_neighbours, directions_for_count
+from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.fourier import low_pass, soft_sphere_mask
+from prime_plugin.core.images import ParticleImages
+from prime_plugin.core.mrc import read_volume
+from prime_plugin.core.polar import default_n_rot
+from prime_plugin.core.resample import resample_volume
+from prime_plugin.core.star import read_particles
+from prime_plugin.core.star_reconstruction import _common_pixel_size
+from prime_plugin.core.symmetry import symmetry_operators
+
+log = logging.getLogger("prime.refine")
+
+MIN_PARTICLES_PER_HALF = 10
+CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
+
+
+@dataclass
+class RefineSetup:
+    """Derived inputs of a refinement (see module docstring). Volumes are float32 (N, N, N)."""
+
+    table: object
+    images: ParticleImages
+    pixel_size_A: float
+    box: int
+    ctf: object
+    half: np.ndarray
+    start_shifts_px: np.ndarray
+    reference: np.ndarray
+    mask: np.ndarray
+    mask_radius_px: float
+    symmetry_ops: np.ndarray
+    directions_deg: np.ndarray
+    angular_step_deg: float
+    neighbours: np.ndarray
+    coarse_directions: np.ndarray
+    n_rot: int
+    initial_ring_limit: int
+    trs_px: float
+    shift_step_px: float
+    image_names: list
+
+
+def prepare(params):
+    """Read and check every input of ``params`` (a RefineParameters); raise PrimeInputError on the first problem."""
+    _check_numbers(params)
+    symmetry_ops = symmetry_operators(params.symmetry)
+    table = read_particles(params.particles, pixel_size_A=params.pixel_size_A)
+    apix = _common_pixel_size(table, params.pixel_size_A, params.particles)
+    images = ParticleImages(table)
+    box = images.box
+    half = _half_sets(table, params)
+    ctf = None
+    if all(c in table.particles.columns for c in CTF_COLUMNS):
+        ctf = CtfParams.from_star(table.particles_with_optics(), params.particles)
+    else:
+        log.info("The particles carry no defocus: refining without CTF correction.")
+    mask_radius_px = _mask_radius_px(params, box, apix)
+    reference = _starting_reference(params, box, apix)
+    mask = _solvent_mask(params, box) if params.solvent_mask else soft_sphere_mask(box, mask_radius_px, 4.0)
+    directions, step = directions_for_count(params.symmetry, params.n_space)
+    neighbours = direction_neighbours(directions, symmetry_ops)
+    ring_limit = int(np.clip(np.floor(box * apix / params.ini_high_A), 3, box // 2 - 2))
+    trs = params.trs_px if params.trs_px is not None else float(np.clip(0.08 * box, 2.0, 8.0))
+    shift_step = params.shift_step_px if params.shift_step_px is not None else max(1.0, trs / 2.0)
+    return RefineSetup(table, images, apix, box, ctf, half, table.shifts_px, reference, mask, mask_radius_px,
+                       symmetry_ops, directions, step, neighbours, coarse_subset(directions, symmetry_ops),
+                       default_n_rot(mask_radius_px), ring_limit, trs, shift_step, _image_names(table, images))
+
+
+def _image_names(table, images):
+    """Image names for the output STAR files: unchanged when they resolve from the working
+    directory (RELION's rule), else rewritten so that they do."""
+    names = images.names_from_working_directory()
+    original = table.particles["rlnImageName"].astype(str).tolist()
+    if all(_same_image(a, b) for a, b in zip(names, original)):
+        return original
+    log.info("Image paths rewritten relative to the working directory in the output STAR files.")
+    return names
+
+
+def _same_image(a, b):
+    index_a, stack_a = a.split("@", 1) if "@" in a else ("1", a)
+    index_b, stack_b = b.split("@", 1) if "@" in b else ("1", b)
+    return int(index_a) == int(index_b) and stack_a == stack_b
+
+
+def _check_numbers(params):
+    """Refuse parameters out of range, in the command line's words."""
+    if not 0 < params.update_fraction <= 1:
+        raise PrimeInputError(f"--update_frac must be in (0, 1], got {params.update_fraction:g}")
+    if params.max_iter < 1 or params.max_iter * params.update_fraction < 1 - 1e-9:
+        needed = int(np.ceil(1 / params.update_fraction))
+        raise PrimeInputError(f"--max_iter {params.max_iter} never searches every particle with --update_frac "
+                              f"{params.update_fraction:g}: use at least {needed} iterations")
+    for name, value in (("--npeaks", params.n_peaks), ("--nspace", params.n_space)):
+        if value < 1:
+            raise PrimeInputError(f"{name} must be at least 1, got {value}")
+    if params.ini_high_A <= 0:
+        raise PrimeInputError(f"--ini_high must be positive, got {params.ini_high_A:g} A")
+    if params.trs_px is not None and params.trs_px < 0:
+        raise PrimeInputError(f"--trs must not be negative, got {params.trs_px:g} px")
+
+
+def _half_sets(table, params):
+    """rlnRandomSubset when present (1/2), else a random split seeded by ``params.seed``."""
+    from prime_plugin.core.star_reconstruction import half_sets
+
+    if "rlnRandomSubset" in table.particles.columns:
+        half = half_sets(table, params.particles)
+    else:
+        rng = np.random.default_rng([params.seed, 1])
+        half = (rng.permutation(len(table)) % 2 + 1).astype(np.int64)
+    for h in (1, 2):
+        if (half == h).sum() < MIN_PARTICLES_PER_HALF:
+            raise PrimeInputError(f"half-set {h} has {(half == h).sum()} particles; a gold-standard refinement "
+                                  f"needs at least {MIN_PARTICLES_PER_HALF} in each", params.particles)
+    return half
+
+
+def _mask_radius_px(params, box, apix):
+    diameter = params.particle_diameter_A if params.particle_diameter_A else 0.9 * box * apix
+    if diameter <= 0:
+        raise PrimeInputError(f"--particle_diameter must be positive, got {diameter:g} A")
+    if diameter > box * apix:
+        raise PrimeInputError(f"--particle_diameter {diameter:g} A is larger than the box ({box} px x {apix:g} A "
+                              f"= {box * apix:g} A)")
+    return diameter / 2.0 / apix
+
+
+def _starting_reference(params, box, apix):
+    """The reference at the particles' pixel size and box, low-passed to ini_high."""
+    volume, ref_apix = read_volume(params.reference)
+    if ref_apix <= 0:
+        if volume.shape[0] != box:
+            raise PrimeInputError(f"the reference is {volume.shape[0]} px with no pixel size in its header, the "
+                                  f"particles {box} px: cannot tell how to resample it (set its pixel size)",
+                                  params.reference)
+        log.info(f"{params.reference}: no pixel size in the header, taking the particles' {apix:g} A.")
+        ref_apix = apix
+    if abs(ref_apix - apix) > 1e-3 * apix or volume.shape[0] != box:
+        try:
+            volume, achieved = resample_volume(volume, ref_apix, apix, box)
+        except (ValueError, PrimeInputError) as exc:
+            raise PrimeInputError(f"cannot resample the reference to {box} px of {apix:g} A ({exc})",
+                                  params.reference) from None
+        if abs(achieved - apix) > 1e-2 * apix:
+            raise PrimeInputError(f"cannot resample the reference ({ref_apix:g} A) to {apix:g} A: "
+                                  f"the nearest is {achieved:g} A", params.reference)
+        log.info(f"Reference resampled from {ref_apix:g} A/px to {apix:g} A/px and box {box}.")
+    return low_pass(volume, params.ini_high_A, apix)
+
+
+def _solvent_mask(params, box):
+    mask, _ = read_volume(params.solvent_mask, expected_box=box)
+    if mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+        raise PrimeInputError(f"a solvent mask holds values in [0, 1], found {mask.min():g}..{mask.max():g}",
+                              Path(params.solvent_mask))
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)
