@@ -15,6 +15,7 @@ from prime_plugin.core.mrc import read_volume, write_volume
 from prime_plugin.core.fourier import fsc, low_pass, resolution_at, soft_sphere_mask
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
+from prime_plugin.core.refine import RefineParameters, RefineResult, refine
 from prime_plugin.core.resample import resample_volume
 from prime_plugin.core.simulate import simulate_particles
 from prime_plugin.core.star import ParticleTable, read_particles, read_star_blocks, write_particles, write_star_blocks
@@ -47,6 +48,9 @@ __all__ = [
     "FourierSums",
     "reconstruct_volume",
     "reconstruct_particles",
+    "RefineParameters",
+    "RefineResult",
+    "refine",
     "simulate_particles",
     "resample_volume",
     "fsc",
