@@ -75,19 +75,48 @@ def rotational_correlations_complex(reference_sections, particle_sections, norms
     return np.moveaxis(lam / norms[None], 0, -1).astype(np.float32)
 
 
+def reference_operand(reference_spectra):
+    """References as the left operand of the per-frequency products: complex64 (Q, R, K)."""
+    return np.ascontiguousarray(np.moveaxis(reference_spectra, -1, 0))
+
+
+def particle_operand(particle_spectra):
+    """Particles as the right operand, conjugated: complex64 (Q, K, P); made once per search."""
+    return np.ascontiguousarray(np.conj(np.moveaxis(particle_spectra, -1, 0)).transpose(0, 2, 1))
+
+
+def best_rotations_prepared(reference_op, particle_op, norms, n_rot, particle_block=128):
+    """Best in-plane index and correlation of every pair from prepared operands: (int64 (R, P), float32 (R, P)).
+
+    reference_op (Q, R, K) and particle_op (Q, K, P) from :func:`reference_operand` and
+    :func:`particle_operand`; norms (R, P). Per block of particles: one complex matrix
+    product per frequency q, a transpose so that each pair's spectrum is contiguous, one
+    real inverse FFT of length n_rot per pair, and the arg-max along it (cache-sized blocks;
+    the norm is positive, so it is applied after the maximum).
+    """
+    n_refs, n_particles = reference_op.shape[1], particle_op.shape[2]
+    index = np.empty((n_refs, n_particles), np.int64)
+    best = np.empty((n_refs, n_particles), np.float32)
+    for start in range(0, n_particles, particle_block):
+        stop = min(start + particle_block, n_particles)
+        cross = np.matmul(reference_op, particle_op[:, :, start:stop])                 # (Q, R, p)
+        per_pair = np.ascontiguousarray(cross.reshape(cross.shape[0], -1).T)           # (R * p, Q)
+        lam = scipy.fft.irfft(per_pair, n=n_rot, axis=-1, workers=-1)                  # (R * p, n_rot)
+        where = lam.argmax(axis=-1)
+        index[:, start:stop] = where.reshape(n_refs, -1)
+        best[:, start:stop] = lam[np.arange(len(where)), where].reshape(n_refs, -1)
+    best /= norms
+    return index, best
+
+
 def best_rotations(reference_spectra, particle_spectra, norms, n_rot):
     """Best in-plane index and correlation of every reference x particle pair: (int64 (R, P), float32 (R, P)).
 
     The same numbers as :func:`rotational_correlations` followed by :func:`best_in_plane`,
-    without materialising the normalised (R, P, n_rot) array (the norm is positive,
-    so it is applied after the maximum).
+    without materialising the normalised (R, P, n_rot) array.
     """
-    ref = np.ascontiguousarray(np.moveaxis(reference_spectra, -1, 0))
-    ptcl = np.ascontiguousarray(np.moveaxis(np.conj(particle_spectra), -1, 0))
-    lam = scipy.fft.irfft(np.matmul(ref, np.swapaxes(ptcl, 1, 2)), n=n_rot, axis=0, workers=-1)
-    index = lam.argmax(axis=0)
-    best = np.take_along_axis(lam, index[None], axis=0)[0]
-    return index, (best / norms).astype(np.float32)
+    return best_rotations_prepared(reference_operand(reference_spectra), particle_operand(particle_spectra),
+                                   norms, n_rot)
 
 
 def best_in_plane(correlations):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from prime_plugin.core.correlate import best_rotations, normalisers, ring_powers, ring_spectra
+from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, particle_operand,
+                                         reference_operand, ring_powers, ring_spectra)
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
@@ -77,10 +78,13 @@ def softmax_weights(correlations, sigma=0.005):
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
 
 
-def _block_scores(references, rows, spectra, powers, ctf2, n_rot):
-    """Best psi index and value for references ``rows`` x particles: (B, P) each."""
+def _block_scores(references, rows, particle_op, powers, ctf2, n_rot):
+    """Best psi index and value for references ``rows`` x particles: (B, P) each.
+
+    particle_op : the particles' operand (:func:`correlate.particle_operand`), (Q, K, P).
+    """
     norms = normalisers(references.powers[rows], powers, ctf2)
-    return best_rotations(references.spectra[rows], spectra, norms, n_rot)
+    return best_rotations_prepared(reference_operand(references.spectra[rows]), particle_op, norms, n_rot)
 
 
 def _merge_peaks(best, values, psi, rows, n_peaks):
@@ -109,7 +113,7 @@ def shift_candidates(radius_px, step_px):
     return grid[np.argsort(np.hypot(grid[:, 0], grid[:, 1]), kind="stable")]
 
 
-def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=256, offsets_px=None,
+def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=64, offsets_px=None,
                       directions=None):
     """Score every direction (or the subset ``directions``) for every particle at its shift
     (plus each of ``offsets_px`` (S, 2)).
@@ -122,10 +126,10 @@ def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=2
     best = _empty_peaks(len(shifts_px), n_peaks)
     best_shift = np.array(shifts_px, np.float64)
     for offset in offsets_px:
-        spectra, powers = particles.centred_spectra(grid, shifts_px + offset), particles.powers
+        operand = particle_operand(particles.centred_spectra(grid, shifts_px + offset))
         for start in range(0, len(directions), block):
             rows = directions[start:start + block]
-            psi, values = _block_scores(references, rows, spectra, powers, particles.ctf2, grid.n_rot)
+            psi, values = _block_scores(references, rows, operand, particles.powers, particles.ctf2, grid.n_rot)
             previous_top = best[0][:, 0].copy()
             best = _merge_peaks(best, values, psi, rows, n_peaks)
             improved = best[0][:, 0] > previous_top
@@ -160,8 +164,8 @@ def shc_search(references, particles, grid, shifts_px, previous_direction, previ
         if active.size == 0:
             break
         rows = order[start:start + block]
-        psi, values = _block_scores(references, rows, spectra[active], powers[active], particles.ctf2[active],
-                                    grid.n_rot)
+        psi, values = _block_scores(references, rows, particle_operand(spectra[active]), powers[active],
+                                    particles.ctf2[active], grid.n_rot)
         own = rows[:, None] == previous_direction[active][None, :]
         values = np.where(own, -np.inf, values)  # the previous direction is scored last, below
         better = values > prev[active][None, :]

@@ -43,7 +43,8 @@ def test_wheel_ships_engine_protocols_and_templates(tmp_path):
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path, REPO, cwd=tmp_path)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     for expected in ("prime_plugin/core/star.py", "prime_plugin/core/ctf.py", "prime_plugin/protocols/__init__.py",
-                     "prime_plugin/templates/README.md", "prime_plugin/cli/__init__.py"):
+                     "prime_plugin/templates/README.md", "prime_plugin/cli/__init__.py",
+                     "prime_plugin/data/betagal_d2_64.mrc"):
         assert expected in names
     assert not [n for n in names if n.startswith(("core/", "protocols/", "tests/"))]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -73,9 +74,22 @@ def test_symmetry_command_prints_the_operators_as_json(capsys):
     assert [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] in matrices
 
 
-def test_demo_says_what_it_can_do(capsys):
-    assert prime(["demo"]) == 0
-    assert "not available yet" in capsys.readouterr().out
+def test_demo_refuses_too_few_particles(tmp_path, capsys):
+    assert prime(["demo", "--n", "50", "--o", str(tmp_path / "demo")]) == 2
+    assert "--n must be at least 200" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_demo_refines_to_near_nyquist(tmp_path, capsys):
+    """The README's first command: the shipped map, simulated and refined (about 2 minutes)."""
+    assert prime(["demo", "--o", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    resolution = float(printed.split("gold-standard resolution ")[1].split(" A")[0])
+    error = float(printed.split("truth ")[1].split(" degrees")[0])
+    assert resolution < 9.0 and error < 3.0, printed
+    for name in ("run_class001.mrc", "run_data.star", "fsc.png", "angdist.png", "convergence.png", "run.log"):
+        assert (tmp_path / "demo" / "Refine" / name).stat().st_size > 0
 
 
 def test_every_command_has_help(capsys):
