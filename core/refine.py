@@ -96,6 +96,8 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
     out = Path(params.output_dir)
     if prepared is not None:
         prepared()
+    for note in setup.notes:
+        log.info(note)
     if not resume:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     with _thread_limit(params.threads), setup.images:
@@ -112,6 +114,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             maps = _current_maps(state, setup)
             curve = fsc(maps[0] * setup.mask, maps[1] * setup.mask)
             figures.update(_resolution_figures(state, setup, params, curve))
+            figures["resolution_unmasked_A"] = float(resolution_at(fsc(*maps), 0.143, setup.box, setup.pixel_size_A))
             figures["seconds"] = round(time.perf_counter() - started, 2)
             state.history.append(figures)
             log.info(_log_line(figures))
@@ -130,7 +133,8 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
 
 def _log_line(f):
-    return (f"iteration {f['iteration']:3d}: resolution {f['resolution_A']:.2f} A (FSC 0.143), "
+    return (f"iteration {f['iteration']:3d}: resolution {f['resolution_A']:.2f} A (FSC 0.143 masked; "
+            f"{f['resolution_unmasked_A']:.2f} A unmasked), "
             f"alignment to {f['ring_limit']} Fourier px, searched {f['updated']} particles, "
             f"visited {100 * f['fraction_visited']:.0f}% of the directions, median orientation change "
             f"{f['orientation_change_deg']:.2f} deg, mean correlation {f['mean_correlation']:.3f}, {f['seconds']:.1f} s")

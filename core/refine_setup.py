@@ -5,7 +5,6 @@ particles' pixel size and box when needed, low-passed to the initial resolution)
 masks, the projection directions of the asymmetric unit and the polar sampling.
 """
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from prime_plugin.core.resample import resample_volume
 from prime_plugin.core.star import read_particles
 from prime_plugin.core.star_reconstruction import _common_pixel_size
 from prime_plugin.core.symmetry import symmetry_operators
-
-log = logging.getLogger("prime.refine")
 
 MIN_PARTICLES_PER_HALF = 10
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
@@ -53,6 +50,7 @@ class RefineSetup:
     trs_px: float
     shift_step_px: float
     image_names: list
+    notes: list
 
 
 def prepare(params):
@@ -64,13 +62,15 @@ def prepare(params):
     images = ParticleImages(table)
     box = images.box
     half = _half_sets(table, params)
+    notes = [f"{len(table)} particles of {box} px at {apix:g} A/px; half-sets of {(half == 1).sum()} and "
+             f"{(half == 2).sum()} ({'rlnRandomSubset' if 'rlnRandomSubset' in table.particles else 'random split'})."]
     ctf = None
     if all(c in table.particles.columns for c in CTF_COLUMNS):
         ctf = CtfParams.from_star(table.particles_with_optics(), params.particles)
     else:
-        log.info("The particles carry no defocus: refining without CTF correction.")
+        notes.append("The particles carry no defocus: refining without CTF correction.")
     mask_radius_px = _mask_radius_px(params, box, apix)
-    reference = _starting_reference(params, box, apix)
+    reference = _starting_reference(params, box, apix, notes)
     mask = _solvent_mask(params, box) if params.solvent_mask else soft_sphere_mask(box, mask_radius_px, 4.0)
     directions, step = directions_for_count(params.symmetry, params.n_space)
     neighbours = direction_neighbours(directions, symmetry_ops)
@@ -79,17 +79,18 @@ def prepare(params):
     shift_step = params.shift_step_px if params.shift_step_px is not None else max(1.0, trs / 2.0)
     return RefineSetup(table, images, apix, box, ctf, half, table.shifts_px, reference, mask, mask_radius_px,
                        symmetry_ops, directions, step, neighbours, coarse_subset(directions, symmetry_ops),
-                       default_n_rot(mask_radius_px), ring_limit, trs, shift_step, _image_names(table, images))
+                       default_n_rot(mask_radius_px), ring_limit, trs, shift_step, _image_names(table, images, notes),
+                       notes)
 
 
-def _image_names(table, images):
+def _image_names(table, images, notes):
     """Image names for the output STAR files: unchanged when they resolve from the working
     directory (RELION's rule), else rewritten so that they do."""
     names = images.names_from_working_directory()
     original = table.particles["rlnImageName"].astype(str).tolist()
     if all(_same_image(a, b) for a, b in zip(names, original)):
         return original
-    log.info("Image paths rewritten relative to the working directory in the output STAR files.")
+    notes.append("Image paths rewritten relative to the working directory in the output STAR files.")
     return names
 
 
@@ -142,15 +143,16 @@ def _mask_radius_px(params, box, apix):
     return diameter / 2.0 / apix
 
 
-def _starting_reference(params, box, apix):
+def _starting_reference(params, box, apix, notes):
     """The reference at the particles' pixel size and box, low-passed to ini_high."""
     volume, ref_apix = read_volume(params.reference)
+    ref_box = volume.shape[0]
     if ref_apix <= 0:
         if volume.shape[0] != box:
             raise PrimeInputError(f"the reference is {volume.shape[0]} px with no pixel size in its header, the "
                                   f"particles {box} px: cannot tell how to resample it (set its pixel size)",
                                   params.reference)
-        log.info(f"{params.reference}: no pixel size in the header, taking the particles' {apix:g} A.")
+        notes.append(f"{params.reference}: no pixel size in the header, taking the particles' {apix:g} A.")
         ref_apix = apix
     if abs(ref_apix - apix) > 1e-3 * apix or volume.shape[0] != box:
         try:
@@ -161,7 +163,7 @@ def _starting_reference(params, box, apix):
         if abs(achieved - apix) > 1e-2 * apix:
             raise PrimeInputError(f"cannot resample the reference ({ref_apix:g} A) to {apix:g} A: "
                                   f"the nearest is {achieved:g} A", params.reference)
-        log.info(f"Reference resampled from {ref_apix:g} A/px to {apix:g} A/px and box {box}.")
+        notes.append(f"Reference resampled from {ref_apix:g} A/px and box {ref_box} to {apix:g} A/px and box {box}.")
     return low_pass(volume, params.ini_high_A, apix)
 
 

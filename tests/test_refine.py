@@ -243,3 +243,22 @@ def test_bad_input_is_refused_before_anything_is_written(dataset, tmp_path):
     (tmp_path / "busy" / "run.log").write_text("a previous run")
     assert_refused(prime_refine(*base, "--o", tmp_path / "busy", cwd=tmp_path), "already holds a refinement")
     assert (tmp_path / "busy" / "run.log").read_text() == "a previous run"
+
+
+@pytest.mark.relion
+def test_reference_of_another_sampling_is_resampled_and_said(dataset, tmp_path):
+    """A reference at 2.5 A/px in a 128 box gives the same starting map as the 5 A/px, 64 box one."""
+    from prime_plugin.core.refine_setup import prepare
+    from prime_plugin.core.resample import resample_volume
+
+    folder, _, volume = dataset
+    fine, achieved = resample_volume(volume, PIXEL, 2.5, 128)
+    assert achieved == pytest.approx(2.5)
+    with mrcfile.new(tmp_path / "fine.mrc") as mrc:
+        mrc.set_data(fine)
+        mrc.voxel_size = 2.5
+    same = prepare(RefineParameters(str(folder / "input.star"), str(folder / "truth.mrc"), str(tmp_path / "a")))
+    other = prepare(RefineParameters(str(folder / "input.star"), str(tmp_path / "fine.mrc"), str(tmp_path / "b")))
+    assert any("resampled from 2.5 A/px and box 128 to 5 A/px and box 64" in note for note in other.notes)
+    assert not any("resampled" in note for note in same.notes)
+    assert np.abs(other.reference - same.reference).max() <= 1e-3 * np.abs(same.reference).max()

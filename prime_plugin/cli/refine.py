@@ -35,9 +35,12 @@ def add_args(parser):
     model.add_argument("--particle_diameter", type=float, default=None, metavar="A",
                        help="particle diameter in Angstrom: sets the circular mask (default 90%% of the box)")
     model.add_argument("--ini_high", type=float, default=40.0, metavar="A",
-                       help="low-pass the starting map to this resolution in Angstrom (default 40)")
+                       help="low-pass the starting map to this resolution in Angstrom; the first "
+                            "iteration aligns up to it (default 40)")
     model.add_argument("--solvent_mask", default=None, metavar="MASK.mrc",
-                       help="soft mask (0..1, the particles' box) for the references and the FSC")
+                       help="soft mask (0..1, the particles' box) for the references and the FSC "
+                            "(default: a soft sphere of the particle diameter); run.log gives the "
+                            "masked and unmasked resolutions")
     model.add_argument("--angpix", type=float, default=None, metavar="A",
                        help="pixel size in Angstrom, for RELION 3.0 files that give none")
     search = parser.add_argument_group("search")
