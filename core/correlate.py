@@ -21,6 +21,8 @@ the transform work of the plain complex path (:func:`transform_work`).
 import numpy as np
 import scipy.fft
 
+from prime_plugin.core.pipelines import map_tiles
+
 
 def ring_spectra(sections):
     """DFT along the full ring, frequencies q = 0 .. n_rot/2: complex64 (B, K, n_rot/2 + 1).
@@ -85,26 +87,31 @@ def particle_operand(particle_spectra):
     return np.ascontiguousarray(np.conj(np.moveaxis(particle_spectra, -1, 0)).transpose(0, 2, 1))
 
 
-def best_rotations_prepared(reference_op, particle_op, norms, n_rot, particle_block=128):
+def best_rotations_prepared(reference_op, particle_op, norms, n_rot, particle_block=64):
     """Best in-plane index and correlation of every pair from prepared operands: (int64 (R, P), float32 (R, P)).
 
     reference_op (Q, R, K) and particle_op (Q, K, P) from :func:`reference_operand` and
-    :func:`particle_operand`; norms (R, P). Per block of particles: one complex matrix
+    :func:`particle_operand`; norms (R, P). Per tile of particles: one complex matrix
     product per frequency q, a transpose so that each pair's spectrum is contiguous, one
-    real inverse FFT of length n_rot per pair, and the arg-max along it (cache-sized blocks;
-    the norm is positive, so it is applied after the maximum).
+    real inverse FFT of length n_rot per pair, and the arg-max along it (cache-sized tiles;
+    the norm is positive, so it is applied after the maximum). Tiles run on one pipeline
+    per thread, each with single-threaded BLAS and FFTs: on small products that is faster
+    than one pipeline with multithreaded libraries (benchmarks/RESULTS.md).
     """
     n_refs, n_particles = reference_op.shape[1], particle_op.shape[2]
     index = np.empty((n_refs, n_particles), np.int64)
     best = np.empty((n_refs, n_particles), np.float32)
-    for start in range(0, n_particles, particle_block):
+
+    def tile(start):
         stop = min(start + particle_block, n_particles)
         cross = np.matmul(reference_op, particle_op[:, :, start:stop])                 # (Q, R, p)
         per_pair = np.ascontiguousarray(cross.reshape(cross.shape[0], -1).T)           # (R * p, Q)
-        lam = scipy.fft.irfft(per_pair, n=n_rot, axis=-1, workers=-1)                  # (R * p, n_rot)
+        lam = scipy.fft.irfft(per_pair, n=n_rot, axis=-1, workers=1)                   # (R * p, n_rot)
         where = lam.argmax(axis=-1)
         index[:, start:stop] = where.reshape(n_refs, -1)
         best[:, start:stop] = lam[np.arange(len(where)), where].reshape(n_refs, -1)
+
+    map_tiles(tile, range(0, n_particles, particle_block))
     best /= norms
     return index, best
 

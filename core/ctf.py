@@ -20,6 +20,7 @@ Unlike RELION, |CTF| is not clamped to >= 1e-8 (RELION does it for its GPU code)
 
 from dataclasses import dataclass, fields
 
+import numba
 import numpy as np
 
 from .errors import PrimeInputError
@@ -100,17 +101,54 @@ def electron_wavelength_A(voltage_kV):
     return 12.2643247 / np.sqrt(volts * (1.0 + volts * 0.978466e-6))
 
 
-def _aligned(params, ndim):
-    """Fields as float64 arrays; per-particle (n,) arrays get trailing axes to ``ndim`` dims."""
-    out = {}
+def _check_field_shapes(params):
+    """Raise ValueError unless every field is a scalar or of shape (n,)."""
     for f in fields(params):
-        value = np.asarray(getattr(params, f.name), dtype=np.float64)
+        value = np.asarray(getattr(params, f.name))
         if value.ndim > 1:
             raise ValueError(f"CtfParams.{f.name} must be a scalar or of shape (n,), got shape {value.shape}")
-        if value.ndim == 1:
-            value = value.reshape(value.shape + (1,) * max(ndim - 1, 0))
-        out[f.name] = value
-    return out
+
+
+def relion_ctf(kx, ky, cos_angle, sin_angle, u_term, v_term, cs_term, phase_rad, quarter_bfactor, scale):
+    """RELION's CTF from precomputed per-particle terms (:func:`ctf_terms`); the one copy of the formula.
+
+    Plain arithmetic and ``np.sin`` / ``np.exp``, so that it runs on numpy arrays
+    (broadcasting, in :func:`ctf_at`) and, compiled by numba, on scalars inside
+    kernels (:data:`relion_ctf_scalar`). kx, ky in 1/Angstrom.
+    """
+    k_u = cos_angle * kx + sin_angle * ky  # component along the U axis
+    k_v = -sin_angle * kx + cos_angle * ky
+    k2 = kx * kx + ky * ky
+    gamma = -(u_term * k_u * k_u + v_term * k_v * k_v) + cs_term * k2 * k2 - phase_rad
+    return -np.sin(gamma) * np.exp(-quarter_bfactor * k2) * scale
+
+
+relion_ctf_scalar = numba.njit(inline="always")(relion_ctf)
+""":func:`relion_ctf` compiled for float64 scalars, for use inside numba kernels."""
+
+CTF_TERMS = 8  # columns of ctf_terms()
+
+
+def ctf_terms(params):
+    """Per-particle terms of :func:`relion_ctf`, float64 (n, 8) (n = 1 for scalar params).
+
+    Columns: cos and sin of the astigmatism angle, pi lambda defocus_U, pi lambda
+    defocus_V (A / A^-2 units: multiply by k^2), pi/2 Cs lambda^3, phase shift +
+    amplitude-contrast phase (radians), B / 4 (A^2), scale.
+    """
+    p = {f.name: np.atleast_1d(np.asarray(getattr(params, f.name), dtype=np.float64)) for f in fields(params)}
+    q0 = p["amplitude_contrast"]
+    if np.any((q0 < 0) | (q0 > 1)):
+        raise ValueError(f"amplitude contrast must lie in [0, 1], got {params.amplitude_contrast}")
+    wavelength = electron_wavelength_A(p["voltage_kV"])
+    angle = np.deg2rad(p["defocus_angle_deg"])
+    # arctan2 is RELION's atan(Q0 / sqrt(1 - Q0^2)) without the division by zero at Q0 = 1
+    amplitude_phase = np.arctan2(q0, np.sqrt(1.0 - q0 * q0))
+    columns = np.broadcast_arrays(
+        np.cos(angle), np.sin(angle), np.pi * wavelength * p["defocus_u_A"], np.pi * wavelength * p["defocus_v_A"],
+        0.5 * np.pi * p["cs_mm"] * 1e7 * wavelength**3, np.deg2rad(p["phase_shift_deg"]) + amplitude_phase,
+        0.25 * p["bfactor_A2"], p["scale"])
+    return np.ascontiguousarray(np.stack(columns, axis=1))
 
 
 def ctf_at(params, kx, ky):
@@ -134,27 +172,13 @@ def ctf_at(params, kx, ky):
                 f"points of shape {np.broadcast_shapes(kx.shape, ky.shape)} do not align with {n} particles: "
                 "pass shape (n, ...) per particle, or (1, ...) (kx[None]) for points shared by all"
             )
-    p = _aligned(params, ndim)
-    if np.any((p["amplitude_contrast"] < 0) | (p["amplitude_contrast"] > 1)):
-        raise ValueError(f"amplitude contrast must lie in [0, 1], got {params.amplitude_contrast}")
-
-    wavelength = electron_wavelength_A(p["voltage_kV"])
-    angle = np.deg2rad(p["defocus_angle_deg"])
-    k_u = np.cos(angle) * kx + np.sin(angle) * ky  # component along the U axis
-    k_v = -np.sin(angle) * kx + np.cos(angle) * ky
-    k2 = kx * kx + ky * ky
-    cs_A = p["cs_mm"] * 1e7
-    q0 = p["amplitude_contrast"]
-    # arctan2 is RELION's atan(Q0 / sqrt(1 - Q0^2)) without the division by zero at Q0 = 1
-    amplitude_phase = np.arctan2(q0, np.sqrt(1.0 - q0 * q0))
-    gamma = (
-        -np.pi * wavelength * (p["defocus_u_A"] * k_u * k_u + p["defocus_v_A"] * k_v * k_v)
-        + 0.5 * np.pi * cs_A * wavelength**3 * k2 * k2
-        - np.deg2rad(p["phase_shift_deg"])
-        - amplitude_phase
-    )
-    ctf = -np.sin(gamma) * np.exp(-0.25 * p["bfactor_A2"] * k2) * p["scale"]
-    return ctf.astype(np.float32)
+    _check_field_shapes(params)
+    terms = ctf_terms(params)
+    if params.is_batch():  # one column per term, aligned with the points' leading axis
+        columns = [terms[:, c].reshape((len(terms),) + (1,) * max(ndim - 1, 0)) for c in range(CTF_TERMS)]
+    else:
+        columns = list(terms[0])
+    return relion_ctf(kx, ky, *columns).astype(np.float32)
 
 
 def fourier_grid(box, pixel_size_A, *, rfft=False):

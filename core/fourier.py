@@ -5,8 +5,14 @@ holds the Fourier voxels whose radius rounds to k pixels (cycles per box); its
 spatial frequency is k / (N * pixel size) 1/A. Shells run from 0 to N // 2.
 """
 
+import numba
 import numpy as np
 import scipy.fft
+
+
+def fft_workers():
+    """Threads for scipy.fft: numba's current thread count, so that one setting (``--j``) governs both."""
+    return numba.get_num_threads()
 
 
 def shell_index(box):
@@ -29,8 +35,8 @@ def _half_weights(box):
 def fsc(volume1, volume2):
     """Fourier shell correlation of two maps, float64 (N // 2 + 1,), shell k at k / (N apix) 1/A."""
     box = volume1.shape[0]
-    f1 = scipy.fft.rfftn(np.asarray(volume1, np.float64), workers=-1)
-    f2 = scipy.fft.rfftn(np.asarray(volume2, np.float64), workers=-1)
+    f1 = scipy.fft.rfftn(np.asarray(volume1, np.float64), workers=fft_workers())
+    f2 = scipy.fft.rfftn(np.asarray(volume2, np.float64), workers=fft_workers())
     shells = shell_index(box)
     weight = np.broadcast_to(_half_weights(box), shells.shape)
     keep = shells <= box // 2
@@ -86,5 +92,5 @@ def low_pass(volume, resolution_A, pixel_size_A, edge_shells=2.0):
     radius = np.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + fx[None, None, :] ** 2)
     ramp = np.clip((cutoff + edge_shells / 2 - radius) / edge_shells, 0.0, 1.0)
     filt = 0.5 - 0.5 * np.cos(np.pi * ramp)
-    spectrum = scipy.fft.rfftn(np.asarray(volume, np.float64), workers=-1) * filt
-    return scipy.fft.irfftn(spectrum, s=volume.shape, workers=-1).astype(np.float32)
+    spectrum = scipy.fft.rfftn(np.asarray(volume, np.float64), workers=fft_workers()) * filt
+    return scipy.fft.irfftn(spectrum, s=volume.shape, workers=fft_workers()).astype(np.float32)

@@ -6,7 +6,8 @@ x from 0 to M / 2. Values at negative x are the complex conjugates of their
 Friedel mates, ``F(-g) = conj F(g)``. Points are given in padded-grid units as
 (x, y, z). The kernel is tabulated: ``table[i]`` = w(i * step), linear in between.
 
-Public wrappers with checks live in :mod:`projector` and :mod:`reconstruct`.
+Public wrappers with checks live in :mod:`projector` and :mod:`reconstruct`; the
+insertion (the adjoint of sampling) is in :mod:`insertion_kernels`.
 """
 
 import numba
@@ -15,7 +16,7 @@ from numba import njit, prange
 
 
 @njit(inline="always")
-def _kernel_weight(distance, table, inv_step):
+def kernel_weight(distance, table, inv_step):
     t = abs(distance) * inv_step
     i = int(t)
     frac = t - i
@@ -27,7 +28,7 @@ def _axis_sum(first_offset, width, table, inv_step):
     """Sum of the kernel weights of one axis' neighbours (normalises interpolation weights)."""
     total = 0.0
     for t in range(width):
-        total += _kernel_weight(first_offset + t, table, inv_step)
+        total += kernel_weight(first_offset + t, table, inv_step)
     return total
 
 
@@ -51,13 +52,13 @@ def _sample_one(F, px, py, pz, width, table, inv_step):
     im = 0.0
     for tz in range(width):
         gz = z0 + tz
-        wz = _kernel_weight(gz - pz, table, inv_step)
+        wz = kernel_weight(gz - pz, table, inv_step)
         for ty in range(width):
             gy = y0 + ty
-            wzy = wz * _kernel_weight(gy - py, table, inv_step)
+            wzy = wz * kernel_weight(gy - py, table, inv_step)
             for tx in range(width):
                 gx = _fold_x(x0 + tx, M)
-                w = wzy * _kernel_weight(x0 + tx - px, table, inv_step)
+                w = wzy * kernel_weight(x0 + tx - px, table, inv_step)
                 if gx >= 0:
                     value = F[gz % M, gy % M, gx]
                     re += w * value.real
@@ -89,74 +90,8 @@ def sample_sections(F, rotations, kx, ky, scale, width, table, inv_step, out):
             out[i, j] = complex(re, im)
 
 
-@njit(cache=True, fastmath=True)
-def _insert_one(U, rho, px, py, pz, value_re, value_im, weight2, width, table, inv_step):
-    M = U.shape[0]
-    half_m = M // 2
-    half_w = 0.5 * width
-    x0 = int(np.floor(px - half_w)) + 1
-    y0 = int(np.floor(py - half_w)) + 1
-    z0 = int(np.floor(pz - half_w)) + 1
-    norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step)
-                  * _axis_sum(z0 - pz, width, table, inv_step))
-    value_re *= norm
-    value_im *= norm
-    weight2 *= norm
-    for tz in range(width):
-        gz = z0 + tz
-        wz = _kernel_weight(gz - pz, table, inv_step)
-        for ty in range(width):
-            gy = y0 + ty
-            wzy = wz * _kernel_weight(gy - py, table, inv_step)
-            for tx in range(width):
-                gx = _fold_x(x0 + tx, M)
-                w = wzy * _kernel_weight(x0 + tx - px, table, inv_step)
-                if gx >= 0:
-                    iz = gz % M
-                    iy = gy % M
-                    U[iz, iy, gx] += complex(w * value_re, w * value_im)
-                    rho[iz, iy, gx] += w * weight2
-                if gx <= 0 or gx == half_m:
-                    # The Friedel mate of this contribution lands at -g (in the stored half).
-                    iz = (-gz) % M
-                    iy = (-gy) % M
-                    U[iz, iy, -gx if gx <= 0 else gx] += complex(w * value_re, -w * value_im)
-                    rho[iz, iy, -gx if gx <= 0 else gx] += w * weight2
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def insert_sections(U, rho, data, ctf2, image_of, rotations, weights, kx, ky, column_weight,
-                    scale, width, table, inv_step):
-    """Add weighted Fourier pixels of images into per-thread sums U[t], rho[t].
-
-    U : complex64 (T, M, M, M//2+1); rho : float32 same shape; T accumulators, one per thread.
-    data : complex64 (n_images, m) image values (CTF * X) at points (kx, ky) (m,) in image pixels.
-    ctf2 : float32 (n_images, m), the density weights (CTF^2, or 1 without CTF).
-    image_of : int64 (k,) image index of each orientation; rotations (k, 3, 3); weights (k,).
-    column_weight : float32 (m,), 1/2 for the self-conjugate kx = 0 column, else 1.
-    """
-    T = U.shape[0]
-    k = rotations.shape[0]
-    m = kx.shape[0]
-    for t in prange(T):
-        for o in range(t, k, T):
-            a = rotations[o]
-            i = image_of[o]
-            tau = weights[o]
-            for j in range(m):
-                c = tau * column_weight[j]
-                u = kx[j] * scale
-                v = ky[j] * scale
-                px = a[0, 0] * u + a[1, 0] * v
-                py = a[0, 1] * u + a[1, 1] * v
-                pz = a[0, 2] * u + a[1, 2] * v
-                value = data[i, j]
-                _insert_one(U[t], rho[t], px, py, pz, c * value.real, c * value.imag,
-                            c * ctf2[i, j], width, table, inv_step)
-
-
 def thread_count():
-    """Number of numba threads (per-thread accumulators are allocated for each)."""
+    """Number of numba threads (the kernels' parallel shares)."""
     return numba.get_num_threads()
 
 
@@ -189,10 +124,10 @@ def sample_planes(F2, kx, ky, scale, width, table, inv_step, out):
             im = 0.0
             for ty in range(width):
                 gy = y0 + ty
-                wy = _kernel_weight(gy - py, table, inv_step)
+                wy = kernel_weight(gy - py, table, inv_step)
                 for tx in range(width):
                     gx = _fold_x(x0 + tx, M)
-                    w = wy * _kernel_weight(x0 + tx - px, table, inv_step)
+                    w = wy * kernel_weight(x0 + tx - px, table, inv_step)
                     if gx >= 0:
                         value = F2[i, gy % M, gx]
                         re += w * value.real

@@ -14,6 +14,7 @@ Image origins follow RELION: a particle with origin (ox, oy) px sits at
 import numpy as np
 import scipy.fft
 
+from prime_plugin.core.fourier import fft_workers
 from prime_plugin.core.fourier_grid_kernels import as_kernel_args, sample_sections
 from prime_plugin.core.gridding import GriddingKernel, correction_3d
 
@@ -61,7 +62,7 @@ def volume_half_transform(volume, padding):
     padded = np.zeros((padded_box,) * 3, dtype=np.float32)
     start = padded_box // 2 - box // 2
     padded[start:start + box, start:start + box, start:start + box] = volume
-    return scipy.fft.rfftn(np.fft.ifftshift(padded), workers=-1).astype(np.complex64)
+    return scipy.fft.rfftn(np.fft.ifftshift(padded), workers=fft_workers()).astype(np.complex64)
 
 
 class FourierProjector:
@@ -124,5 +125,5 @@ class FourierProjector:
     def project(self, rotations, shifts_px=None, ctf=None, max_radius_px=None):
         """Real-space projections, float32 (n, N, N), image centre at pixel N // 2."""
         half = self.project_fourier(rotations, shifts_px, ctf, max_radius_px)
-        images = scipy.fft.irfft2(half, s=(self.box, self.box), workers=-1)
+        images = scipy.fft.irfft2(half, s=(self.box, self.box), workers=fft_workers())
         return np.fft.fftshift(images, axes=(-2, -1)).astype(np.float32)

@@ -20,6 +20,7 @@ import scipy.fft
 from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, particle_operand,
                                          reference_operand, ring_powers, ring_spectra)
 from prime_plugin.core.geometry import euler_to_matrix
+from prime_plugin.core.pipelines import map_tiles
 from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
 
@@ -113,7 +114,7 @@ def shift_candidates(radius_px, step_px):
     return grid[np.argsort(np.hypot(grid[:, 0], grid[:, 1]), kind="stable")]
 
 
-def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=64, offsets_px=None,
+def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=32, offsets_px=None,
                       directions=None):
     """Score every direction (or the subset ``directions``) for every particle at its shift
     (plus each of ``offsets_px`` (S, 2)).
@@ -125,11 +126,12 @@ def exhaustive_search(references, particles, grid, shifts_px, n_peaks=1, block=6
     directions = np.arange(len(references)) if directions is None else np.asarray(directions, np.int64)
     best = _empty_peaks(len(shifts_px), n_peaks)
     best_shift = np.array(shifts_px, np.float64)
+    blocks = [directions[start:start + block] for start in range(0, len(directions), block)]
     for offset in offsets_px:
         operand = particle_operand(particles.centred_spectra(grid, shifts_px + offset))
-        for start in range(0, len(directions), block):
-            rows = directions[start:start + block]
-            psi, values = _block_scores(references, rows, operand, particles.powers, particles.ctf2, grid.n_rot)
+        scores = map_tiles(lambda rows: _block_scores(references, rows, operand, particles.powers, particles.ctf2,
+                                                      grid.n_rot), blocks)
+        for rows, (psi, values) in zip(blocks, scores):
             previous_top = best[0][:, 0].copy()
             best = _merge_peaks(best, values, psi, rows, n_peaks)
             improved = best[0][:, 0] > previous_top

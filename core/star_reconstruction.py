@@ -38,10 +38,9 @@ import numba
 import numpy as np
 import scipy.fft
 
-from prime_plugin.core.ctf import CtfParams, ctf_image
+from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
-from prime_plugin.core.fourier_grid_kernels import thread_count
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
@@ -79,7 +78,7 @@ class Reconstruction:
 
 
 def reconstruct_particles(star_path, *, ctf=False, symmetry="C1", subset=None, max_resolution_A=None,
-                          pixel_size_A=None, threads=None, chunk_size=256, progress=None):
+                          pixel_size_A=None, threads=None, chunk_size=128, progress=None):
     """Reconstruct the map of the particles in a RELION STAR file at their given orientations.
 
     Parameters
@@ -146,22 +145,24 @@ def reconstruct_particles(star_path, *, ctf=False, symmetry="C1", subset=None, m
         stream.total = int(np.isin(half_of, wanted).sum())
         corners = soft_sphere_mask(box, box / 2.0, CORNER_MASK_EDGE_PX)
 
-        def volume_of(sums, fsc_curve=None):
-            return reconstruct_volume(sums, fsc_curve, max_radius_px=max_radius_px) * corners
+        def volume_of(sums, fsc_curve=None, overwrite=False):
+            return reconstruct_volume(sums, fsc_curve, max_radius_px=max_radius_px, overwrite=overwrite) * corners
 
         if subset is not None:
             only = stream.insert_all(np.flatnonzero(half_of == subset))
-            return Reconstruction(volume_of(only), apix, n_particles=stream.total)
+            return Reconstruction(volume_of(only, overwrite=True), apix, n_particles=stream.total)
         # One half at a time, each half map made as soon as its sums are complete: at most
-        # two sets of sums (one half's, the other half's per-thread accumulators) are alive.
+        # two sets of sums are alive, and the maps are computed in the grids of spent sums.
         half1 = stream.insert_all(np.flatnonzero(half_of == 1))
         map1 = volume_of(half1)
         half2 = stream.insert_all(np.flatnonzero(half_of == 2))
-        curve = fsc(map1, volume_of(half2))
         half1.U += half2.U  # in place: the sums of both halves
         half1.rho += half2.rho
+        map2 = volume_of(half2, overwrite=True)
         del half2
-        volume = volume_of(half1, combined_fsc(curve))
+        curve = fsc(map1, map2)
+        del map1, map2
+        volume = volume_of(half1, combined_fsc(curve), overwrite=True)
         return Reconstruction(volume, apix, curve, resolution_at(curve, GOLD_STANDARD_THRESHOLD, box, apix),
                               stream.total)
 
@@ -183,29 +184,16 @@ class _ParticleStream:
         self.done = 0
 
     def insert_all(self, rows):
-        """FourierSums of the particles ``rows`` (int (k,)), inserted chunk by chunk.
-
-        Each insertion thread accumulates into its own grid; the grids are summed once at the end.
-        """
+        """FourierSums of the particles ``rows`` (int (k,)), inserted chunk by chunk into one grid."""
         bp = self.backprojector
-        padded = int(round(bp.padding * bp.box))
-        shape = (thread_count(), padded, padded, padded // 2 + 1)
-        U = np.zeros(shape, np.complex64)
-        rho = np.zeros(shape, np.float32)
+        sums = FourierSums.zeros(bp.box, bp.padding)
         for chunk_rows, chunk_images in self.images.chunks(self.chunk_size, rows):
-            chunk_ctf = None
-            if self.ctf_params is not None:
-                chunk_ctf = ctf_image(_select(self.ctf_params, chunk_rows), bp.box, self.pixel_size_A, rfft=True)
-            data, ctf2 = bp.image_transforms(chunk_images, self.shifts_px[chunk_rows], chunk_ctf)
-            bp.insert_per_thread(U, rho, data, ctf2, self.rotations[chunk_rows])
+            chunk_ctf = None if self.ctf_params is None else _select(self.ctf_params, chunk_rows)
+            data, ctf2 = bp.image_transforms(chunk_images, self.shifts_px[chunk_rows], chunk_ctf, self.pixel_size_A)
+            bp.insert(sums, data, ctf2, self.rotations[chunk_rows])
             self.done += len(chunk_rows)
             if self.progress is not None:
                 self.progress(self.done, self.total)
-        for t in range(1, len(U)):  # in place, without a temporary grid
-            U[0] += U[t]
-            rho[0] += rho[t]
-        sums = FourierSums(U[0].copy(), rho[0].copy(), bp.box, bp.padding)
-        del U, rho
         return sums
 
 

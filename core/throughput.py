@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft
 
 from prime_plugin.core.correlate import particle_operand, transform_work
+from prime_plugin.core.pipelines import map_tiles
 from prime_plugin.core.search import PolarReferences, _block_scores
 
 
@@ -46,7 +47,7 @@ def inverse_fft_seconds(n_rot, batch=65536, repeats=5):
     return _median_time(lambda: scipy.fft.irfft(spectra, n=n_rot, axis=-1, workers=-1), repeats) / batch
 
 
-def search_pairs_per_second(rings, n_rot, n_references, n_particles, block=64, repeats=5):
+def search_pairs_per_second(rings, n_rot, n_references, n_particles, block=32, repeats=5):
     """Pairs per second of the production scoring path on random polar spectra."""
     rng = np.random.default_rng(2)
     q = n_rot // 2 + 1
@@ -60,11 +61,10 @@ def search_pairs_per_second(rings, n_rot, n_references, n_particles, block=64, r
     powers = rng.uniform(1, 2, (n_particles, rings)).astype(np.float32)
     ctf2 = rng.uniform(0.2, 1, (n_particles, rings)).astype(np.float32)
 
-    def score_all():  # as exhaustive_search does: the particles' operand once, references in blocks
+    def score_all():  # as exhaustive_search does: the particles' operand once, reference blocks in parallel
         operand = particle_operand(particle_spectra)
-        for start in range(0, n_references, block):
-            rows = np.arange(start, min(start + block, n_references))
-            _block_scores(references, rows, operand, powers, ctf2, n_rot)
+        blocks = [np.arange(start, min(start + block, n_references)) for start in range(0, n_references, block)]
+        map_tiles(lambda rows: _block_scores(references, rows, operand, powers, ctf2, n_rot), blocks)
 
     score_all()
     return n_references * n_particles / _median_time(score_all, repeats)
