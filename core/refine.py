@@ -137,7 +137,11 @@ def _log_line(f):
             f"{f['resolution_unmasked_A']:.2f} A unmasked), "
             f"alignment to {f['ring_limit']} Fourier px, searched {f['updated']} particles, "
             f"visited {100 * f['fraction_visited']:.0f}% of the directions, median orientation change "
-            f"{f['orientation_change_deg']:.2f} deg, mean correlation {f['mean_correlation']:.3f}, {f['seconds']:.1f} s")
+            f"{_degrees(f['orientation_change_deg'])}, mean correlation {f['mean_correlation']:.3f}, {f['seconds']:.1f} s")
+
+
+def _degrees(value):
+    return "n/a (first search)" if np.isnan(value) else f"{value:.2f} deg"
 
 
 def _current_maps(state, setup):
@@ -266,18 +270,20 @@ def _resolution_figures(state, setup, params, curve):
 
 
 def _converged(state, params, setup):
-    """All particles searched, and over the last 1/delta iterations: > 90% of the space visited,
-    median orientation change below the angular step, resolution no longer improving."""
-    window = int(np.ceil(1.0 / params.update_fraction))
+    """All particles searched, and over the last 1/delta iterations (at least 2): > 90% of the space visited,
+    median orientation change below the angular step, the alignment limit unchanged (and not
+    about to change), resolution no longer improving."""
+    window = max(2, int(np.ceil(1.0 / params.update_fraction)))
     history = state.history
     if state.update_count.min() < 1 or len(history) < 2 * window:
         return False
     recent = history[-window:]
     visited = all(h["fraction_visited"] > 0.9 for h in recent)
     steady = all(h["orientation_change_deg"] < setup.angular_step_deg for h in recent)
+    limit_fixed = len({h["ring_limit"] for h in recent} | {recent[-1]["next_ring_limit"]}) == 1
     best_before = min(h["resolution_A"] for h in history[:-window])
     improving = min(h["resolution_A"] for h in recent) < 0.99 * best_before
-    return visited and steady and not improving
+    return visited and steady and limit_fixed and not improving
 
 
 def _final_maps(state, setup, params):
@@ -301,5 +307,7 @@ def _final_maps(state, setup, params):
     half_maps = [reconstruct_volume(s, curve) * corners for s in final]
     both = FourierSums(final[0].U + final[1].U, final[0].rho + final[1].rho, setup.box)
     volume = reconstruct_volume(both, combined_fsc(curve)) * corners
-    return RefineResult(half_maps, volume, curve, float(resolution_at(curve, 0.143, setup.box, setup.pixel_size_A)),
-                        state, setup)
+    # Reported as in every iteration: the FSC of the written (Wiener-filtered) half maps, masked.
+    reported = fsc(half_maps[0] * setup.mask, half_maps[1] * setup.mask)
+    return RefineResult(half_maps, volume, reported,
+                        float(resolution_at(reported, 0.143, setup.box, setup.pixel_size_A)), state, setup)

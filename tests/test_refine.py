@@ -228,8 +228,12 @@ def test_bad_input_is_refused_before_anything_is_written(dataset, tmp_path):
     few["particles"] = few["particles"].iloc[:12]
     few["particles"]["rlnImageName"] = [f"{i + 1:06d}@{folder / 'input.mrcs'}" for i in range(12)]
     starfile.write(few, tmp_path / "few.star")
+    with mrcfile.new(tmp_path / "bad_mask.mrc") as mrc:
+        mrc.set_data(np.full((BOX, BOX, BOX), 2.0, np.float32))
     cases = [
         (["--i", folder / "input.star", "--ref", tmp_path / "other.mrc"], ("other.mrc", "cannot tell how to resample")),
+        ([*base, "--solvent_mask", tmp_path / "bad_mask.mrc"], ("bad_mask.mrc", "values in [0, 1]")),
+        ([*base, "--solvent_mask", tmp_path / "other.mrc"], ("other.mrc", "box 40")),
         (["--i", tmp_path / "empty.star", "--ref", folder / "truth.mrc"], ("empty.star", "empty")),
         ([*base, "--particle_diameter", "400"], ("--particle_diameter 400",)),
         (["--i", tmp_path / "few.star", "--ref", folder / "truth.mrc"], ("few.star", "at least 10")),
