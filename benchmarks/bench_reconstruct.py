@@ -12,14 +12,20 @@ summed (both run at once). All forms get the same 2 cores: ``prime --j 2``, MPI 
 ranks; plain relion_reconstruct has no thread option and uses one.
 
     python benchmarks/bench_reconstruct.py --cache /tmp/bench_reconstruct [--runs 3]
+    python benchmarks/bench_reconstruct.py --cache /tmp/bench_reconstruct --profile
 
-Prints a table and rewrites this benchmark's section of benchmarks/RESULTS.md.
+Prints a table and rewrites this benchmark's section of benchmarks/RESULTS.md. With
+--profile it instead runs the reconstruction once in this process (2 threads) and
+prints the wall and CPU time of each stage (reading, image transforms, insertion, maps).
 """
 
 import argparse
+import collections
+import contextlib
 import datetime
 import os
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -155,6 +161,7 @@ def section(results, fit, command_line):
     ours = results["prime reconstruct --j 2"]
     relion_forms = {k: v for k, v in results.items() if k != "prime reconstruct --j 2"}
     fastest = min(relion_forms, key=lambda k: relion_forms[k][0])
+    leanest = min(relion_forms, key=lambda k: relion_forms[k][1])
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     cmds = "\n".join(f"    {c}" for c, _ in commands().values())
     return f"""{SECTION}
@@ -170,7 +177,8 @@ for MPI the sum over the 2 ranks. Commands (in the cache folder):
 {table(results)}
 
 Ours / fastest RELION form ({fastest}): wall time {ours[0] / relion_forms[fastest][0]:.2f}x,
-peak memory {ours[1] / relion_forms[fastest][1]:.2f}x (goal: <= 0.5x time, <= 1x memory).
+peak memory {ours[1] / relion_forms[fastest][1]:.2f}x; ours / RELION form with the lowest peak ({leanest}):
+peak memory {ours[1] / relion_forms[leanest][1]:.2f}x (goal: <= 0.5x time, <= 1x memory).
 Same result: FSC against the true map first drops below 0.5 at shell {fit['prime_vs_truth_0.5']:.0f} (prime) and
 {fit['relion_vs_truth_0.5']:.0f} (relion_reconstruct), below 0.143 at {fit['prime_vs_truth_0.143']:.0f} and
 {fit['relion_vs_truth_0.143']:.0f}, of {BOX // 2} shells. FSC(prime map, relion map) >= 0.9 up to shell
@@ -179,6 +187,62 @@ Same result: FSC against the true map first drops below 0.5 at shell {fit['prime
 and there the two maps are differently weighted noise (Wiener-regularised vs RELION's unregularised
 reconstruction), so 0.9 to 2/3 Nyquist cannot hold on this data.
 """
+
+
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def _timing(totals, name):
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    totals[name][0] += time.perf_counter() - wall
+    totals[name][1] += _cpu_seconds() - cpu
+
+
+def profile(cache):
+    """Wall and CPU seconds per stage of one in-process reconstruction (2 threads), printed as a table."""
+    from prime_plugin.core import reconstruct, star_reconstruction
+    from prime_plugin.core.images import ParticleImages
+
+    totals = collections.defaultdict(lambda: [0.0, 0.0])
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            with _timing(totals, name):
+                return function(*args, **kwargs)
+        return wrapper
+
+    def timed_chunks(self, *args, **kwargs):
+        chunks = original_chunks(self, *args, **kwargs)
+        while True:
+            with _timing(totals, "read images"):
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    original_chunks = ParticleImages.chunks
+    patches = [(reconstruct.Backprojector, "image_transforms", "FFT, shift, CTF (image_transforms)"),
+               (reconstruct.Backprojector, "insert", "insertion (insert)"),
+               (star_reconstruction, "reconstruct_volume", "maps (reconstruct_volume)"),
+               (star_reconstruction, "fsc", "FSC")]
+    saved = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patches]
+    for owner, attribute, name in patches:
+        setattr(owner, attribute, timed(name, getattr(owner, attribute)))
+    ParticleImages.chunks = timed_chunks
+    try:
+        with _timing(totals, "total (in process)"):
+            star_reconstruction.reconstruct_particles(cache / "particles.star", ctf=True, threads=2)
+    finally:
+        for owner, attribute, original in saved:
+            setattr(owner, attribute, original)
+        ParticleImages.chunks = original_chunks
+    lines = ["| stage | wall (s) | CPU (s, both threads) |", "|---|---|---|"]
+    lines += [f"| {name} | {wall:.2f} | {cpu:.2f} |" for name, (wall, cpu) in totals.items()]
+    return "\n".join(lines)
 
 
 def update_results(text):
@@ -193,9 +257,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, type=Path, help="folder for the data set (made once)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="time the stages of one in-process run instead")
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
     make_data(cache)
+    if args.profile:
+        os.chdir(cache)
+        print(profile(cache))
+        return
     results = measure(cache, args.runs)
     fit = agreement(cache)
     command_line = "python benchmarks/bench_reconstruct.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

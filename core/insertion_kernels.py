@@ -23,9 +23,10 @@ Parallelism without per-thread grids: the z axis is cut into slabs of
 ``slab_planes`` planes; a counting sort lists, for every slab, the points that
 write into it (directly or through a Friedel mate), ordered by the block of y
 rows they start in, so that the insertion sweeps each slab in y and the voxels
-it touches stay in cache. Each thread then takes whole slabs (thread t: slabs
-t, t + T, ...) and writes only the voxels of its slabs: no races, and the
-result does not depend on the number of threads beyond float32 rounding.
+it touches stay in cache. Each thread then takes whole slabs (shared out by
+their numbers of points, :func:`balance_slabs`) and writes only the voxels of
+its slabs: no races, and the result does not depend on the number of threads
+beyond float32 rounding.
 Positions are computed without fastmath, so the listing pass and the insertion
 pass agree to the bit on which planes a point touches.
 
@@ -233,13 +234,15 @@ def _insert_point(U_flat, rho_flat, M, z_lo, z_hi, px, py, pz, flipped, value_re
 
 
 @njit(parallel=True, cache=True)
-def insert_slabs(U, rho, entries, slab_start, slab_planes, threads, data, ctf2, image_of, rotations, weights,
-                 kx, ky, column_weight, scale, width, table, inv_step):
+def insert_slabs(U, rho, entries, slab_start, slab_planes, slabs_of_thread, thread_start, data, ctf2, image_of,
+                 rotations, weights, kx, ky, column_weight, scale, width, table, inv_step):
     """Insert the listed points, each thread writing whole slabs of U and rho.
 
     U : complex64 (M, M, M // 2 + 1); rho : float32, same shape; updated in place.
     entries : int32, the points o * m + j of slab s in entries[slab_start[s]:slab_start[s + 1]]
     (:func:`list_slab_points`; in row-block order within a slab).
+    slabs_of_thread : int64 (S,), the slabs of thread t in slabs_of_thread[thread_start[t]:thread_start[t + 1]]
+    (each slab once; :func:`balance_slabs`).
     data : complex64 (n_images, m) values (CTF * X); ctf2 : float32 (n_images, m) density weights.
     image_of : int64 (k,); rotations : float64 (k, 3, 3); weights : float32 (k,) tau per orientation.
     kx, ky : float64 (m,) image Fourier pixels; column_weight : float32 (m,).
@@ -248,12 +251,12 @@ def insert_slabs(U, rho, entries, slab_start, slab_planes, threads, data, ctf2, 
     U_flat = U.view(np.float32).reshape(-1)
     rho_flat = rho.reshape(-1)
     m = kx.shape[0]
-    n_slabs = slab_start.shape[0] - 1
-    for t in prange(threads):
+    for t in prange(thread_start.shape[0] - 1):
         wx = np.empty(width)
         wy = np.empty(width)
         wz = np.empty(width)
-        for s in range(t, n_slabs, threads):
+        for q in range(thread_start[t], thread_start[t + 1]):
+            s = slabs_of_thread[q]
             z_lo = s * slab_planes
             z_hi = min(z_lo + slab_planes, M)
             for e in range(slab_start[s], slab_start[s + 1]):
@@ -266,3 +269,20 @@ def insert_slabs(U, rho, entries, slab_start, slab_planes, threads, data, ctf2, 
                 value_im = -c * value.imag if flipped else c * value.imag
                 _insert_point(U_flat, rho_flat, M, z_lo, z_hi, px, py, pz, flipped, c * value.real, value_im,
                               c * ctf2[image_of[o], j], width, table, inv_step, wx, wy, wz)
+
+
+def balance_slabs(points_per_slab, threads):
+    """Share slabs among threads with about equal numbers of points (largest first, each to the least loaded).
+
+    points_per_slab : int (S,). Returns (slabs_of_thread int64 (S,), thread_start int64 (threads + 1,)):
+    thread t's slabs are slabs_of_thread[thread_start[t]:thread_start[t + 1]], in increasing order.
+    """
+    load = np.zeros(threads, np.int64)
+    owner = np.empty(len(points_per_slab), np.int64)
+    for s in np.argsort(points_per_slab, kind="stable")[::-1]:
+        t = int(np.argmin(load))
+        owner[s] = t
+        load[t] += points_per_slab[s]
+    slabs_of_thread = np.argsort(owner, kind="stable").astype(np.int64)
+    thread_start = np.searchsorted(owner[slabs_of_thread], np.arange(threads + 1)).astype(np.int64)
+    return slabs_of_thread, thread_start

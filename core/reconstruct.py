@@ -27,11 +27,12 @@ from prime_plugin.core.fourier import fft_workers
 from prime_plugin.core.fourier_grid_kernels import as_kernel_args, thread_count
 from prime_plugin.core.gridding import GriddingKernel, correction_3d
 from prime_plugin.core.image_spectrum_kernels import gather_shift_ctf
-from prime_plugin.core.insertion_kernels import count_slab_points, insert_slabs, list_slab_points
+from prime_plugin.core.insertion_kernels import balance_slabs, count_slab_points, insert_slabs, list_slab_points
 from prime_plugin.core.projector import image_half_plane
 from prime_plugin.core.sums_kernels import shell_totals, wiener_divide
 
-SLAB_PLANES = 8  # z planes per slab of the parallel insertion: each thread writes whole slabs
+SLAB_PLANES = 16  # most z planes per slab of the parallel insertion (each thread writes whole slabs) ...
+SLABS_PER_THREAD = 4  # ... but at least this many slabs per thread, to share the work evenly
 ROWS_PER_BLOCK = 16  # within a slab, points are inserted in blocks of y rows (the voxels stay in cache)
 POINTS_PER_BATCH = 1 << 22  # orientation x pixel points listed at a time (bounds the slab lists: 4 B per entry)
 
@@ -101,6 +102,9 @@ class Backprojector:
         Resolution limit in Fourier pixels (default N / 2, Nyquist).
     symmetry_ops : ndarray (s, 3, 3), optional
         Point-group operators; every mate A R is inserted.
+
+    The insertion threads share one grid: each writes its own z slabs
+    (:mod:`~prime_plugin.core.insertion_kernels`), so no per-thread grids are needed.
     """
 
     def __init__(self, box, padding=2.0, kernel=None, max_radius_px=None, symmetry_ops=None):
@@ -196,7 +200,8 @@ class Backprojector:
             weights = np.repeat(weights, s)
         width, table, inv_step = self._kernel_args
         threads = thread_count()
-        n_slabs = -(-padded // SLAB_PLANES)
+        slab_planes = max(1, min(SLAB_PLANES, padded // (SLABS_PER_THREAD * threads)))
+        n_slabs = -(-padded // slab_planes)
         n_blocks = -(-padded // ROWS_PER_BLOCK)
         m = len(self.kx)
         batch = max(1, POINTS_PER_BATCH // max(m, 1))
@@ -204,16 +209,17 @@ class Backprojector:
             stop = min(start + batch, len(rotations))
             batch_rotations = np.ascontiguousarray(rotations[start:stop])
             counts = np.zeros((threads, n_slabs * n_blocks), np.int64)
-            count_slab_points(batch_rotations, self._kx64, self._ky64, self.padding, width, padded, SLAB_PLANES,
+            count_slab_points(batch_rotations, self._kx64, self._ky64, self.padding, width, padded, slab_planes,
                               ROWS_PER_BLOCK, counts)
             bucket_start = np.concatenate([[0], np.cumsum(counts.sum(axis=0))])
             # share t's entries of a bucket follow those of shares 0 .. t-1
             next_free = bucket_start[:-1][None, :] + np.cumsum(counts, axis=0) - counts
             entries = np.empty(bucket_start[-1], np.int32)
-            list_slab_points(batch_rotations, self._kx64, self._ky64, self.padding, width, padded, SLAB_PLANES,
+            list_slab_points(batch_rotations, self._kx64, self._ky64, self.padding, width, padded, slab_planes,
                              ROWS_PER_BLOCK, next_free, entries)
             slab_start = np.ascontiguousarray(bucket_start[::n_blocks])
-            insert_slabs(U, rho, entries, slab_start, SLAB_PLANES, threads, data, ctf2,
+            slabs_of_thread, thread_start = balance_slabs(np.diff(slab_start), threads)
+            insert_slabs(U, rho, entries, slab_start, slab_planes, slabs_of_thread, thread_start, data, ctf2,
                          np.ascontiguousarray(image_of[start:stop]), batch_rotations,
                          np.ascontiguousarray(weights[start:stop]), self._kx64, self._ky64, self.column_weight,
                          self.padding, width, table, inv_step)

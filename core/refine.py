@@ -25,7 +25,6 @@ import numpy as np
 
 from prime_plugin.core.ctf import ctf_image
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
-from prime_plugin.core.fourier_grid_kernels import thread_count
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import PolarGrid, normalise_and_mask, particle_sections
 from prime_plugin.core.projector import FourierProjector
@@ -186,8 +185,9 @@ def _iterate(state, setup, params, maps):
 
 
 def _accumulators(box, padding=2.0):
+    """One grid of sums (U, rho) with a leading axis of 1: the insertion threads share it (slab-parallel)."""
     padded = int(round(padding * box))
-    shape = (thread_count(), padded, padded, padded // 2 + 1)
+    shape = (1, padded, padded, padded // 2 + 1)
     return np.zeros(shape, np.complex64), np.zeros(shape, np.float32)
 
 

@@ -7,6 +7,7 @@ RELION's CTF from ctf_image), and the Wiener formula written with full-grid nump
 arrays.
 """
 
+import numba
 import numpy as np
 import pytest
 import scipy.fft
@@ -15,6 +16,7 @@ from scipy.spatial.transform import Rotation
 import prime_plugin.core.reconstruct as reconstruct
 from prime_plugin.core.ctf import CtfParams, ctf_image
 from prime_plugin.core.gridding import GriddingKernel, correction_3d
+from prime_plugin.core.insertion_kernels import balance_slabs
 from prime_plugin.core.projector import shift_phases
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume, shell_radii
 from prime_plugin.core.symmetry import symmetry_operators
@@ -61,18 +63,34 @@ def test_slab_insertion_equals_the_reference_kernel(box, kernel):
 
 @pytest.mark.parametrize("slab_planes, rows_per_block, points_per_batch",
                          [(1, 1, 100), (3, 5, 1000), (64, 64, 1 << 22)])
-def test_slab_insertion_does_not_depend_on_slabs_blocks_or_batches(monkeypatch, slab_planes, rows_per_block,
-                                                                   points_per_batch):
-    """Thin slabs (every point crosses slabs), small batches (many orientation batches), any thread count."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_slab_insertion_does_not_depend_on_slabs_blocks_batches_or_threads(monkeypatch, slab_planes, rows_per_block,
+                                                                           points_per_batch, threads):
+    """Thin slabs (every point crosses slabs), thick ones, small batches (many orientation batches)."""
     monkeypatch.setattr(reconstruct, "SLAB_PLANES", slab_planes)
+    monkeypatch.setattr(reconstruct, "SLABS_PER_THREAD", 1)
     monkeypatch.setattr(reconstruct, "ROWS_PER_BLOCK", rows_per_block)
     monkeypatch.setattr(reconstruct, "POINTS_PER_BATCH", points_per_batch)
     box = 18
     data, ctf2, rotations, image_of, weights = random_inputs(box, 10, seed=3, max_radius_px=7.5)
     sums = FourierSums.zeros(box)
-    Backprojector(box, max_radius_px=7.5).insert(sums, data, ctf2, rotations, image_of, weights)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        Backprojector(box, max_radius_px=7.5).insert(sums, data, ctf2, rotations, image_of, weights)
+    finally:
+        numba.set_num_threads(before)
     U, rho = reference_insert(box, 2.0, GriddingKernel(), data, ctf2, rotations, image_of, weights, 7.5)
     assert_same_sums(sums, U, rho)
+
+
+def test_slabs_are_shared_evenly_and_each_once():
+    points = np.array([50, 10, 40, 30, 0, 20, 25])
+    slabs, start = balance_slabs(points, 3)
+    assert sorted(slabs) == list(range(len(points)))
+    loads = [points[slabs[start[t]:start[t + 1]]].sum() for t in range(3)]
+    assert max(loads) - min(loads) <= points.max()
+    assert sorted(loads) == [55, 60, 60]
 
 
 def test_slab_insertion_with_symmetry_equals_the_reference_with_every_mate():
@@ -162,8 +180,6 @@ def test_reconstruct_volume_equals_the_plain_formula(box):
 
 
 def test_fft_workers_follow_the_thread_setting():
-    import numba
-
     from prime_plugin.core.fourier import fft_workers
     from prime_plugin.core.star_reconstruction import _thread_limit
 
