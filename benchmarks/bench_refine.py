@@ -153,16 +153,51 @@ def run_checked(cmd, cwd):
 
 # ---------------------------------------------------------------- timed runs
 
-class LoadSampler:
-    """The 1-minute load average every ``period`` seconds while a run lasts."""
+class RunSampler:
+    """While a run lasts: the 1-minute load average every 10 s, and every 2 s the summed resident set
+    and CPU time of the run's process tree (read from /proc), which survive a run stopped by a signal."""
 
-    def __init__(self, period=10.0):
-        self.period, self.samples, self.stop = period, [], threading.Event()
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self):
+        self.loads, self.peak_rss_mb, self.cpu_ticks = [], 0.0, {}
+        self.root, self.stop = None, threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self):
-        while not self.stop.wait(self.period):
-            self.samples.append(os.getloadavg()[0])
+        step = 0
+        while not self.stop.wait(2.0):
+            step += 1
+            if step % 5 == 0:
+                self.loads.append(os.getloadavg()[0])
+            if self.root is not None:
+                self._tree()
+
+    def _tree(self):
+        parents, stats = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            stats[int(entry)] = (int(fields[11]) + int(fields[12]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
+        tree, frontier = set(), [self.root]
+        while frontier:
+            pid = frontier.pop()
+            tree.add(pid)
+            frontier.extend(child for child, parent in parents.items() if parent == pid and child not in tree)
+        rss = sum(stats[pid][1] for pid in tree if pid in stats)
+        self.peak_rss_mb = max(self.peak_rss_mb, rss / 2 ** 20)
+        for pid in tree & stats.keys():
+            self.cpu_ticks[pid] = stats[pid][0]
+
+    @property
+    def cpu_s(self):
+        return sum(self.cpu_ticks.values()) / self.TICK
 
     def __enter__(self):
         self.thread.start()
@@ -192,14 +227,18 @@ def timed_run(name, argv, shown, cache, limit_s=None):
     record = {"name": name, "command": shown, "load_before": os.getloadavg()[0], "started": time.time()}
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {shown}", flush=True)
     begin = time.perf_counter()
-    with LoadSampler() as load, open(cache / f"{name}.stdout", "w") as out, open(cache / f"{name}.stderr", "w") as err:
+    with RunSampler() as sampler, open(cache / f"{name}.stdout", "w") as out, \
+            open(cache / f"{name}.stderr", "w") as err:
         process = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(time_file), *argv], cwd=cache, stdout=out,
                                    stderr=err, start_new_session=True)
+        sampler.root = process.pid
         try:
             record["returncode"] = process.wait(timeout=limit_s)
             record["stopped"] = False
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)  # our own process group: mpirun stops its ranks
+            # Our own process group (GNU time and mpirun); mpirun stops its ranks. GNU time dies
+            # without a report, so the figures of a stopped run are the sampler's.
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -207,19 +246,26 @@ def timed_run(name, argv, shown, cache, limit_s=None):
                 process.wait()
             record["returncode"], record["stopped"] = process.returncode, True
     record["wall_s"] = time.perf_counter() - begin
-    record["load_mean"] = float(np.mean(load.samples)) if load.samples else record["load_before"]
-    record["load_max"] = float(np.max(load.samples)) if load.samples else record["load_before"]
+    record["load_mean"] = float(np.mean(sampler.loads)) if sampler.loads else record["load_before"]
+    record["load_max"] = float(np.max(sampler.loads)) if sampler.loads else record["load_before"]
+    record["rss_sampled_mb"], record["cpu_sampled_s"] = sampler.peak_rss_mb, sampler.cpu_s
     record.update(gnu_time(time_file))
-    ranks = sorted(cache.glob(f"rss_{name}_rank_*"))
-    if ranks:  # MPI: the sum of the ranks' peaks (GNU time on mpirun sees only the largest child)
-        record["rss_mb"] = sum(int(p.read_text().split()[-1]) for p in ranks) / 1024
-        record["rss_ranks_mb"] = [int(p.read_text().split()[-1]) / 1024 for p in ranks]
+    ranks = [re.findall(r"^(\d+)$", p.read_text(), re.M) for p in sorted(cache.glob(f"rss_{name}_rank_*"))]
+    if ranks and all(ranks):  # MPI: the sum of the ranks' peaks (GNU time on mpirun sees only the largest child)
+        record["rss_ranks_mb"] = [int(r[-1]) / 1024 for r in ranks]
+        record["rss_mb"] = sum(record["rss_ranks_mb"])
+    if not np.isfinite(record["rss_mb"]):  # stopped: the sampled figures (every 2 s)
+        record["rss_mb"] = record["rss_sampled_mb"]
+        record["user_s"], record["sys_s"] = record["cpu_sampled_s"], 0.0
+        record["figures_sampled"] = True
     record["git"] = git_state()
     print(f"    wall {record['wall_s']:.0f} s, peak {record['rss_mb']:.0f} MB, exit {record['returncode']}"
           f"{' (stopped at the time limit)' if record['stopped'] else ''}", flush=True)
     if record["returncode"] != 0 and not record["stopped"]:
         sys.exit(f"{name} failed: see {cache / (name + '.stderr')}")
     (cache / f"timing_{name}.json").write_text(json.dumps(record, indent=1))
+    with open(cache / "timing_history.jsonl", "a") as history:  # every timed run, for the repeats
+        history.write(json.dumps(record) + "\n")
     return record
 
 
@@ -320,12 +366,13 @@ def prime_series(cache, name, record):
 
 def relion_series(cache, record):
     """Per RELION iteration: elapsed s (modification time of run_itNNN_data.star), masked resolution of
-    run_itNNN_half1/2_class001.mrc, median angular error."""
+    run_itNNN_half1/2_class001.mrc, median angular error. Iteration 1 is left out: RELION 3.1 writes
+    practically identical half maps there (FSC > 0.96 to Nyquist), so its FSC says nothing."""
     series = []
     for data in sorted((cache / "Refine3D").glob("run_it[0-9][0-9][0-9]_data.star")):
         iteration = int(data.name[6:9])
         half1, half2 = (cache / "Refine3D" / f"run_it{iteration:03d}_half{h}_class001.mrc" for h in (1, 2))
-        if iteration == 0 or not (half1.is_file() and half2.is_file()):
+        if iteration <= 1 or not (half1.is_file() and half2.is_file()):
             continue
         masked, _ = half_map_resolutions(half1, half2)
         angles, _ = pose_errors(cache / "truth.star", data)
@@ -425,7 +472,9 @@ def table(rows):
             note = "converged" if r["converged"] else ("stopped at the time limit" if rec["stopped"] else "not converged")
         else:
             note = f"converged at {r['converged']}" if r["converged"] else "max_iter reached"
-        lines.append(f"| {label} | {rec['wall_s']:.0f} | {rec['user_s'] + rec['sys_s']:.0f} | {rec['rss_mb']:.0f} | "
+        sampled = " (sampled)" if rec.get("figures_sampled") else ""
+        lines.append(f"| {label} | {rec['wall_s']:.0f}{' (stopped)' if rec['stopped'] else ''} | "
+                     f"{rec['user_s'] + rec['sys_s']:.0f}{sampled} | {rec['rss_mb']:.0f}{sampled} | "
                      f"{r['iterations']} ({note}) | {np.median(r['angles']):.2f} | {np.median(r['shifts']):.2f} | "
                      f"{r['masked']:.2f} / {r['unmasked']:.2f} | {fmt(r['truth_05'], '.2f')} | "
                      f"{rec['load_mean']:.2f} / {rec['load_max']:.2f} |")
@@ -441,6 +490,22 @@ def series_table(rows):
         cells = "; ".join(f"{s['iteration']}: {s['elapsed_s']:.0f} s, {s['resolution_A']:.2f} A, "
                           f"{s['median_error_deg']:.1f} deg" for s in rows[name]["series"])
         lines.append(f"| {label} | {cells} |")
+    return "\n".join(lines)
+
+
+def repeats(cache):
+    """Every timed run recorded in the cache (the table shows the last of each)."""
+    path = cache / "timing_history.jsonl"
+    if not path.is_file():
+        return ""
+    lines = []
+    for record in map(json.loads, path.read_text().splitlines()):
+        when = datetime.datetime.fromtimestamp(record["started"]).strftime("%H:%M")
+        figures = (f"wall {record['wall_s']:.0f} s" + (" (stopped at the limit)" if record.get("stopped") else "")
+                   + (f", CPU {record['user_s'] + record['sys_s']:.0f} s, peak {record['rss_mb']:.0f} MB, load "
+                      f"{record['load_mean']:.1f} / {record['load_max']:.1f}" if "load_mean" in record else ""))
+        lines.append(f"- {record['name']} started {when}: {figures}" + (f"; {record['note']}" if "note" in record
+                                                                         else ""))
     return "\n".join(lines)
 
 
@@ -463,6 +528,9 @@ def goals(rows, inc, match):
         f"(whole command {wall:.0f} s vs {their_wall:.0f} s: {their_wall / wall:.1f}x faster; the goal needs "
         f"<= {their_wall / 10:.0f} s, {'met' if wall <= their_wall / 10 else f'missed by {wall / (their_wall / 10):.1f}x'}).",
     ]
+    if theirs["record"]["stopped"]:
+        lines.append(f"- RELION was stopped at the time limit after {theirs['iterations']} complete iterations: its wall "
+                     f"time is a lower bound and its accuracy that of its last complete iteration, not its final one.")
     if match:
         lines.append(f"- The first iteration of prime --update_frac 0.1 at least as good as RELION's final result on "
                      f"both figures: iteration {match['iteration']}, {match['elapsed_s']:.0f} s after the start "
@@ -536,6 +604,10 @@ written files (mask: soft_sphere_mask(64, 30, 4); map vs truth unmasked).
 Per iteration (elapsed wall time since the command started; RELION's from its files' times):
 
 {series_table(rows)}
+
+All timed runs in this cache (the table shows the last of each):
+
+{repeats(cache)}
 
 Incremental learning: {incremental_text(inc)}
 
