@@ -22,7 +22,8 @@ import numpy as np
 # float64-sized threshold so the returned angles reproduce R to ~1e-12 everywhere.
 _GIMBAL_SIN_TILT = 1e-12
 
-__all__ = ["euler_to_matrix", "matrix_to_euler", "projection_direction", "direction_to_angles"]
+__all__ = ["euler_to_matrix", "matrix_to_euler", "projection_direction", "direction_to_angles",
+           "projection_transform_from_pose", "pose_from_projection_transform"]
 
 
 def euler_to_matrix(rot, tilt, psi):
@@ -139,3 +140,50 @@ def direction_to_angles(d):
     tilt = np.degrees(np.arccos(np.clip(d[..., 2], -1.0, 1.0)))
     rot = np.degrees(np.arctan2(d[..., 1], d[..., 0]))
     return rot, tilt
+
+
+def projection_transform_from_pose(rot, tilt, psi, origin_px):
+    """Scipion's 4x4 projection-alignment matrix of RELION poses.
+
+    Scipion stores a particle's 3D projection alignment as ``T = inverse(M)`` with
+    ``M = [[A, -s], [0, 1]]``, ``A`` RELION's matrix of (rot, tilt, psi) and ``s`` the
+    RELION origin in pixels, so ``T = [[A.T, A.T @ s], [0, 1]]`` (the mapping of
+    scipion-em-relion's convert31, checked against its test vector in the tests).
+
+    Parameters
+    ----------
+    rot, tilt, psi : array_like, shape (n,)
+        Degrees.
+    origin_px : array_like, shape (n, 2) or (n, 3)
+        ``(rlnOriginXAngst, rlnOriginYAngst[, rlnOriginZAngst]) / pixel size``, pixels.
+
+    Returns
+    -------
+    ndarray, float64, shape (n, 4, 4)
+    """
+    A = np.atleast_3d(euler_to_matrix(rot, tilt, psi)).reshape(-1, 3, 3)
+    origin = np.atleast_2d(np.asarray(origin_px, dtype=np.float64))
+    s = np.zeros((len(A), 3))
+    s[:, :origin.shape[1]] = origin
+    T = np.zeros((len(A), 4, 4))
+    T[:, :3, :3] = np.transpose(A, (0, 2, 1))
+    T[:, :3, 3] = np.einsum("nji,nj->ni", A, s)
+    T[:, 3, 3] = 1.0
+    return T
+
+
+def pose_from_projection_transform(T):
+    """RELION poses of Scipion projection-alignment matrices (inverse of the above).
+
+    Parameters
+    ----------
+    T : array_like, shape (n, 4, 4)
+
+    Returns
+    -------
+    rot, tilt, psi : ndarray, shape (n,), degrees (RELION's ranges, see matrix_to_euler)
+    origin_px : ndarray, shape (n, 3), pixels (multiply by the pixel size for rlnOrigin*Angst)
+    """
+    M = np.linalg.inv(np.asarray(T, dtype=np.float64).reshape(-1, 4, 4))
+    rot, tilt, psi = matrix_to_euler(M[:, :3, :3])
+    return np.atleast_1d(rot), np.atleast_1d(tilt), np.atleast_1d(psi), -M[:, :3, 3]

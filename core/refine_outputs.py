@@ -5,7 +5,7 @@ run_itNNN_model.star. At the end: run_data.star (every input column kept, the
 refined ones replaced), run_half{1,2}_class001_unfil.mrc, run_class001.mrc (both
 halves, FSC-weighted), run_model.star (FSC table), run_posterior.star (the n_peaks
 orientations of every particle with their weights, which RELION does not give),
-fsc.png, angdist.png, convergence.png. Every file is written atomically.
+run_convergence.star (the per-iteration figures of run.log as a table), fsc.png, angdist.png, convergence.png. Every file is written atomically.
 
 Columns added to run_data.star beyond RELION's: rlnPrimeCorrelation, the
 normalised polar correlation of the best orientation (-1..1).
@@ -95,6 +95,7 @@ def write_final(out, result, params):
     write_particles(particle_table(setup, state), out / "run_data.star")
     write_star_blocks(model_blocks(result.fsc, result.resolution_A, setup), out / "run_model.star")
     write_star_blocks({"posterior": posterior_table(setup, state)}, out / "run_posterior.star")
+    write_star_blocks({"convergence": pd.DataFrame(state.history)}, out / "run_convergence.star")
     report.fsc_plot(out / "fsc.png", result.fsc, setup.box, apix)
     report.angular_distribution_plot(out / "angdist.png", np.nan_to_num(state.angles_deg), setup.symmetry_ops)
     report.convergence_plot(out / "convergence.png", state.history)

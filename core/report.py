@@ -1,7 +1,9 @@
-"""The refinement's human report: FSC, orientation distribution and convergence plots (PNG).
+"""The refinement's human report: FSC, orientation distribution and convergence plots.
 
-matplotlib is imported with the Agg backend inside each function, so the engine
-never needs a display.
+Each plot has a ``draw_*`` function that draws on a given matplotlib Figure (the Scipion
+viewer draws into its own windows with it) and a ``*_plot`` function that writes the
+PNG. The PNGs are drawn on a bare Figure with the Agg canvas, so the engine never
+needs a display and never touches pyplot's global state.
 """
 
 import numpy as np
@@ -9,13 +11,13 @@ import numpy as np
 from prime_plugin.core.atomic_files import atomic_output
 
 
-def _figure():
-    import matplotlib
+def _new_figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path):
@@ -24,12 +26,18 @@ def _save(fig, path):
 
 
 def fsc_plot(path, curve, box, pixel_size_A):
-    """FSC between the half maps against resolution (A), with the 0.143 and 0.5 lines."""
+    """Write the FSC plot (PNG) of :func:`draw_fsc`."""
+    fig = _new_figure((6, 4))
+    draw_fsc(fig, curve, box, pixel_size_A)
+    _save(fig, path)
+
+
+def draw_fsc(fig, curve, box, pixel_size_A):
+    """FSC between the half maps (per shell, shape (box//2+1,)) against resolution (A), with the 0.143 and 0.5 lines."""
     from prime_plugin.core.fourier import resolution_at
 
-    plt = _figure()
     shells = np.arange(len(curve))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    ax = fig.add_subplot(111)
     ax.plot(shells[1:], curve[1:], color="tab:blue", label="half map 1 vs half map 2")
     for level, colour in ((0.143, "tab:red"), (0.5, "tab:orange")):
         res = resolution_at(curve, level, box, pixel_size_A)
@@ -42,17 +50,20 @@ def fsc_plot(path, curve, box, pixel_size_A):
     ax.set_ylim(-0.1, 1.05)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Gold-standard FSC")
-    _save(fig, path)
-    plt.close(fig)
 
 
 def angular_distribution_plot(path, angles_deg, symmetry_ops=None):
-    """Projection directions of the particles (rot, tilt) as a 2D histogram on a sinusoidal map."""
-    plt = _figure()
+    """Write the orientation distribution plot (PNG) of :func:`draw_angular_distribution`."""
+    fig = _new_figure((7, 4))
+    draw_angular_distribution(fig, angles_deg)
+    _save(fig, path)
+
+
+def draw_angular_distribution(fig, angles_deg):
+    """Projection directions (rot, tilt) of ``angles_deg`` (n, 3) as a 2D histogram on a Mollweide map."""
     rot = np.radians(((angles_deg[:, 0] + 180.0) % 360.0) - 180.0)
     tilt = np.radians(angles_deg[:, 1])
     latitude = np.pi / 2 - tilt
-    fig = plt.figure(figsize=(7, 4))
     ax = fig.add_subplot(111, projection="mollweide")
     counts, rot_edges, lat_edges = np.histogram2d(rot, latitude, bins=(72, 36),
                                                   range=((-np.pi, np.pi), (-np.pi / 2, np.pi / 2)))
@@ -63,15 +74,23 @@ def angular_distribution_plot(path, angles_deg, symmetry_ops=None):
     ax.set_yticks(np.radians([-60, -30, 0, 30, 60]))
     ax.set_yticklabels(["tilt 150", "120", "90", "60", "tilt 30"], fontsize=8)
     ax.set_xticklabels([])
-    _save(fig, path)
-    plt.close(fig)
 
 
 def convergence_plot(path, history):
-    """Resolution (A), % of the search space visited and orientation change (deg) per iteration."""
-    plt = _figure()
+    """Write the convergence plot (PNG) of :func:`draw_convergence`."""
+    fig = _new_figure((6, 7))
+    draw_convergence(fig, history)
+    _save(fig, path)
+
+
+def draw_convergence(fig, history):
+    """Resolution (A), % of the search space visited and orientation change (deg) per iteration.
+
+    ``history``: one dict per iteration with iteration, resolution_A, next_limit_A,
+    fraction_visited (0-1) and orientation_change_deg.
+    """
     it = [h["iteration"] for h in history]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    axes = fig.subplots(3, 1, sharex=True)
     axes[0].plot(it, [h["resolution_A"] for h in history], "o-", label="FSC 0.143")
     axes[0].plot(it, [h["next_limit_A"] for h in history], "s--", ms=3, label="next alignment limit")
     axes[0].set_ylabel("resolution (A)")
@@ -84,5 +103,3 @@ def convergence_plot(path, history):
     axes[2].set_ylabel("orientation change (deg)")
     axes[2].set_xlabel("iteration")
     fig.suptitle("Convergence")
-    _save(fig, path)
-    plt.close(fig)

@@ -119,12 +119,50 @@ def read_star_blocks(path):
         raise PrimeInputError("file not found", path)
     _check_looks_like_star(path)
     try:
-        blocks = starfile.read(path, always_dict=True)
+        if _PANDAS_PARSES_FLOATS_EXACTLY:
+            blocks = starfile.read(path, always_dict=True)
+        else:
+            blocks = starfile.read(path, always_dict=True, parse_as_string=_label_names(path))
+            blocks = {name: _exact_numbers(block) for name, block in blocks.items()}
     except Exception as exc:  # starfile/pandas raise many kinds on malformed text
         raise PrimeInputError(f"not a readable STAR file ({type(exc).__name__}: {exc})".splitlines()[0], path)
     if not blocks:
         raise PrimeInputError("no data blocks found: not a STAR file", path)
     return dict(blocks)
+
+
+# pandas < 3 parses CSV floats with a fast routine that can be one unit in the last place off
+# (Scipion pins pandas 2); there every value is read as text and converted by Python's
+# correctly rounded float(), so a written file reads back bit for bit under both.
+_PANDAS_PARSES_FLOATS_EXACTLY = int(pd.__version__.split(".")[0]) >= 3
+
+
+def _label_names(path):
+    """Every label (``_rlnXxx`` without the underscore) declared in the STAR file."""
+    names = set()
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            if line.startswith("_"):
+                names.add(line[1:].split(None, 1)[0])
+    return list(names)
+
+
+def _exact_numbers(block):
+    """A block read as text with its numeric values converted: integers, else floats, else text."""
+    if isinstance(block, pd.DataFrame):
+        return pd.DataFrame({column: _numeric_values(block[column]) for column in block.columns})
+    return {key: _numeric_values(pd.Series([value])).iloc[0] for key, value in block.items()}
+
+
+def _numeric_values(values):
+    if values.dtype != object:
+        return values
+    for kind in (np.int64, np.float64):
+        try:
+            return values.astype(kind)
+        except (ValueError, TypeError, OverflowError):
+            continue
+    return values
 
 
 def _check_looks_like_star(path):

@@ -104,3 +104,26 @@ def write_particle_stack(folder, images, data, with_angles=False, name="particle
         particles["rlnOriginYAngst"] = data.origins_px[:, 1] * data.pixel_size_A
     starfile.write({"optics": optics, "particles": particles}, folder / f"{name}.star", float_format="%.8f")
     return folder / f"{name}.star"
+
+
+def refinement_data(relion, shared_data, folder, n_particles, snr, seed, box=64, pixel_size_A=5.0):
+    """A refinement test set in ``folder``: relion_project images of the shared ribosome map.
+
+    Uniform random orientations, origins up to 4 px, astigmatic CTF (U 1-3 um), white noise at
+    ``snr``. Writes input.star (no angles), truth.star (true poses), their stack and truth.mrc
+    (the map, cropped to ``box``). Returns the RelionDataset (true poses) and the map.
+    """
+    volume = np.ascontiguousarray(mrcfile.read(shared_data / "ribosome70S_65px.mrc")[:box, :box, :box])
+    angles, origins = random_poses(n_particles, seed=seed, max_shift_px=4.0)
+    rng = np.random.default_rng(seed + 1)
+    defocus_u = rng.uniform(10000, 30000, n_particles)
+    defocus = np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, n_particles),
+                               rng.uniform(0, 180, n_particles)])
+    data = relion_projections(relion, folder, volume, pixel_size_A, angles, origins, defocus)
+    noisy = data.noisy(snr, seed=seed + 2)
+    write_particle_stack(folder, noisy, data, with_angles=False, name="input")
+    write_particle_stack(folder, noisy, data, with_angles=True, name="truth")
+    with mrcfile.new(folder / "truth.mrc", overwrite=True) as mrc:
+        mrc.set_data(volume)
+        mrc.voxel_size = pixel_size_A
+    return data, volume

@@ -22,17 +22,19 @@ def run(*cmd, cwd):
 
 
 def fresh_env(folder):
-    """A new virtual environment that sees this interpreter's packages (numpy...) but not the project.
+    """A new virtual environment that sees this interpreter's packages (numpy...) but neither the
+    project nor Scipion.
 
     The outer packages are offered through a folder of links that leaves out every
-    installed copy of this project, so the fresh install is the one imported.
+    installed copy of this project, so the fresh install is the one imported, and Scipion's
+    packages, so the test holds in CI's Scipion environment too.
     """
     run(sys.executable, "-m", "venv", folder, cwd=folder.parent)
     outer = Path(sysconfig.get_paths()["purelib"])
     view = folder / "outer-packages"
     view.mkdir()
     for entry in outer.iterdir():
-        if not entry.name.startswith(("prime_plugin", "scipion_em_prime", "__editable__")):
+        if not entry.name.startswith(("prime_plugin", "scipion_", "__editable__", "pwem", "pyworkflow", "relion")):
             (view / entry.name).symlink_to(entry)
     site = next((folder / "lib").glob("python*/site-packages"))
     (site / "outer.pth").write_text(f"{view}\n")
@@ -44,7 +46,9 @@ def test_wheel_ships_engine_protocols_and_templates(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     for expected in ("prime_plugin/core/star.py", "prime_plugin/core/ctf.py", "prime_plugin/protocols/__init__.py",
                      "prime_plugin/templates/README.md", "prime_plugin/cli/__init__.py",
-                     "prime_plugin/data/betagal_d2_64.mrc"):
+                     "prime_plugin/data/betagal_d2_64.mrc", "prime_plugin/templates/prime_refine.json.template",
+                     "prime_plugin/protocols/protocol_refine3d.py", "prime_plugin/protocols.conf",
+                     "prime_plugin/convert.py", "prime_plugin/viewers.py", "prime_plugin/bibtex.py"):
         assert expected in names
     assert not [n for n in names if n.startswith(("core/", "protocols/", "tests/"))]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

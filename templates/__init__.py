@@ -1,0 +1,1 @@
+"""Scipion workflow templates (``*.json.template``) of the PRIME plugin."""
