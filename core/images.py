@@ -9,10 +9,18 @@ Images are only ever read in chunks, so memory does not grow with the number of
 particles beyond the index arrays: after each chunk is copied out, the mapped
 pages are handed back to the kernel (``madvise(MADV_DONTNEED)``), so that the
 process's resident set does not grow with the file pages it has read.
+
+:meth:`ParticleImages.locate` describes where some particles' images lie
+(:class:`ImageRows`: absolute stack paths and indices, no pixels), so that another
+process, or a Dask worker on another machine that mounts the same files, reads them
+itself.
 """
 
 import mmap
+import os
 from collections import OrderedDict
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
@@ -57,6 +65,10 @@ def resolve_image_path(stack, star_path=None):
     return None
 
 
+# Bytes per voxel of the MRC modes the engine reads (int8, int16, float32, complex64, uint16, float16).
+_BYTES_PER_VOXEL = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}
+
+
 def stack_shape(path):
     """(n_images, ny, nx) of an MRC image or stack, from its header only."""
     try:
@@ -65,8 +77,15 @@ def stack_shape(path):
             nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
             if header.map is None or header.map.tobytes()[:3] != b"MAP":
                 raise ValueError("no MAP signature")
+            mode, extended = int(header.mode), int(header.nsymbt)
+        size = Path(path).stat().st_size
     except (ValueError, OSError) as exc:
         raise PrimeInputError(f"not an MRC image stack ({exc})", path) from None
+    if mode in _BYTES_PER_VOXEL:
+        expected = 1024 + extended + nx * ny * max(nz, 1) * _BYTES_PER_VOXEL[mode]
+        if size < expected:
+            raise PrimeInputError(f"truncated: {size} bytes where the header announces {max(nz, 1)} images of "
+                                  f"{nx} x {ny} ({expected} bytes)", path)
     return max(nz, 1), ny, nx
 
 
@@ -75,6 +94,61 @@ def _release_pages(data):
     mapping = getattr(data, "_mmap", None)
     if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _gather_images(stack_data, stack_paths, stack_id, index_in_stack, box):
+    """Copy images out of their stacks into float32 (k, box, box).
+
+    stack_data(s) gives the memory-mapped data of stack s, (n, box, box) or (box, box);
+    stack_id (k,) and index_in_stack (k,) (0-based) locate each image. Raises
+    PrimeInputError naming the stack if any pixel is NaN or infinite.
+    """
+    out = np.empty((len(stack_id), box, box), dtype=np.float32)
+    for sid in np.unique(stack_id):
+        rows = np.nonzero(stack_id == sid)[0]
+        data = stack_data(int(sid))
+        if data.ndim == 2:
+            data = data[None]
+        out[rows] = data[index_in_stack[rows]]
+        bad = ~np.isfinite(out[rows]).all(axis=(1, 2))
+        if bad.any():
+            k = rows[np.argmax(bad)]
+            raise PrimeInputError(f"image {index_in_stack[k] + 1} holds NaN or infinite pixels", stack_paths[sid])
+        _release_pages(data)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRows:
+    """Where the images of some particles lie, without their pixels (small; sent to other processes).
+
+    stack_paths : tuple of str, the absolute paths of the stacks these particles use.
+    stack_id : int64 (k,), the stack of each particle (index into stack_paths).
+    index_in_stack : int64 (k,), its 0-based image index in that stack.
+    box : int, the image side in pixels.
+    """
+
+    stack_paths: tuple
+    stack_id: np.ndarray
+    index_in_stack: np.ndarray
+    box: int
+
+    def __len__(self):
+        return len(self.stack_id)
+
+    def read(self):
+        """The images, float32 (k, box, box), in row order; each stack memory-mapped while it is read."""
+        with ExitStack() as opened:
+            def stack_data(sid):
+                path = self.stack_paths[sid]
+                try:
+                    mrc = opened.enter_context(mrcfile.mmap(path, mode="r", permissive=True))
+                except (OSError, ValueError) as exc:
+                    raise PrimeInputError(f"cannot read this image stack here ({exc}); every process of the run "
+                                          f"must see the images under the same path", path) from None
+                return mrc.data
+
+            return _gather_images(stack_data, self.stack_paths, self.stack_id, self.index_in_stack, self.box)
 
 
 class ParticleImages:
@@ -113,6 +187,7 @@ class ParticleImages:
             self.stack_paths.append(found)
             shapes.append(stack_shape(found))
         self._stack_names = list(stacks)
+        self._absolute_paths = [os.path.abspath(path) for path in self.stack_paths]
         self._check_indices(shapes, names)
         self.box = self._common_box(shapes, table)
         self._open = OrderedDict()
@@ -179,22 +254,18 @@ class ParticleImages:
         Raises PrimeInputError if any pixel is NaN or infinite.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
-        sids = self.stack_id[indices]
-        for sid in np.unique(sids):
-            rows = np.nonzero(sids == sid)[0]
-            data = self._stack_data(int(sid))
-            if data.ndim == 2:
-                data = data[None]
-            out[rows] = data[self.index_in_stack[indices[rows]]]
-            bad = ~np.isfinite(out[rows]).all(axis=(1, 2))
-            if bad.any():
-                k = rows[np.argmax(bad)]
-                raise PrimeInputError(
-                    f"image {self.index_in_stack[indices[k]] + 1} holds NaN or infinite pixels",
-                    self.stack_paths[sid])
-            _release_pages(data)
-        return out
+        return _gather_images(self._stack_data, self.stack_paths, self.stack_id[indices],
+                              self.index_in_stack[indices], self.box)
+
+    def locate(self, indices):
+        """Where the images of particles ``indices`` (int array, table rows) lie, as :class:`ImageRows`.
+
+        Only the stacks these particles use are named, by absolute path.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        used, stack_id = np.unique(self.stack_id[indices], return_inverse=True)
+        return ImageRows(tuple(self._absolute_paths[s] for s in used), stack_id.astype(np.int64).ravel(),
+                         self.index_in_stack[indices], self.box)
 
     def chunks(self, chunk_size=512, indices=None):
         """Yield (row_indices, images) over the particles (all, or ``indices``) in order."""

@@ -59,6 +59,13 @@ class FourierSums:
         self._check_compatible(other)
         return FourierSums(self.U + other.U, self.rho + other.rho, self.box, self.padding)
 
+    def __iadd__(self, other):
+        """Add ``other`` into these sums, in place (the same float32 result as ``+``, no new grids)."""
+        self._check_compatible(other)
+        np.add(self.U, other.U, out=self.U)
+        np.add(self.rho, other.rho, out=self.rho)
+        return self
+
     def scaled(self, factor):
         """The sums times ``factor`` (e.g. 1 - update fraction)."""
         return FourierSums(self.U * np.float32(factor), self.rho * np.float32(factor), self.box, self.padding)

@@ -13,6 +13,14 @@ half-sets' Fourier sums U <- (1 - delta) U + U_new, reconstruct, measure the FSC
 between the half maps, set the next ring limit, write the iteration and its
 checkpoint. At the end every particle is inserted once more at its final
 orientations to give the final half maps, FSC and combined map.
+
+Work decomposition: each pass over particles (the update set of an iteration, all
+particles at the end) is cut, half-set by half-set, into chunks of ``chunk_size``
+particles; each chunk is one task of :mod:`~prime_plugin.core.refine_tasks` (it reads
+its own images and returns its particles' new orientations and its partial sums), run
+by an execution backend (:mod:`~prime_plugin.core.execution`): in this process by
+default, or on a Dask cluster (``scheduler`` or ``cluster``). The backend adds up each
+half's partial sums; the state is updated here from the tasks' outputs.
 """
 
 import logging
@@ -23,15 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from prime_plugin.core.ctf import ctf_image
+from prime_plugin.core.execution import make_backend
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix
-from prime_plugin.core.polar import PolarGrid, normalise_and_mask, particle_sections
+from prime_plugin.core.polar import PolarGrid
 from prime_plugin.core.projector import FourierProjector
-from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
+from prime_plugin.core.reconstruct import FourierSums, reconstruct_volume
 from prime_plugin.core.refine_setup import prepare
 from prime_plugin.core.refine_state import RefineState, select_update_set
-from prime_plugin.core.search import PolarReferences, search_particles
+from prime_plugin.core.refine_tasks import (InsertChunk, InsertionSettings, SearchChunk, SearchSettings, insert_chunk,
+                                            search_chunk)
+from prime_plugin.core.search import PolarReferences
 from prime_plugin.core.star_reconstruction import _thread_limit, combined_fsc
 
 log = logging.getLogger("prime.refine")
@@ -47,6 +57,13 @@ class RefineParameters:
     unit. trs_px : origin search radius (default 8% of the box, 2-8 px); shift_step_px : the
     grid step of the first (exhaustive) origin search (default trs_px / 2).
     fsc_limit : the FSC value whose crossing sets the next iteration's ring limit.
+    threads : threads of this process (default: all cores). chunk_size : particles per task.
+    Where the tasks run (default: in this process, with ``threads``), at most one of:
+    scheduler : the address of a running Dask scheduler (e.g. ``"tcp://10.0.0.5:8786"``);
+    its workers must have this package and see the images under the same paths.
+    cluster : ``"local:N"``, N Dask worker processes started on this computer, 1 thread each.
+    Both need the optional ``dask`` extra. The backends agree to float32 rounding of the sums,
+    which only rarely tips a particle's search another way (:mod:`~prime_plugin.core.execution`).
     """
 
     particles: str
@@ -68,6 +85,8 @@ class RefineParameters:
     seed: int = 0
     chunk_size: int = 256
     pixel_size_A: float = None
+    scheduler: str = None
+    cluster: str = None
 
 
 @dataclass
@@ -87,29 +106,30 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
     on_iteration(figures) : called after each iteration with its figures (a dict).
     progress(state, figures) : the same, with the state (for progress bars).
-    prepared() : called once the inputs are checked, before anything is written.
+    prepared() : called once the inputs are checked and the backend is ready, before anything is written.
+    The Dask backend, when asked for, is closed at the end, also on an error or an interruption.
     """
     from prime_plugin.core import refine_outputs as outputs
 
     setup = prepare(params)
     out = Path(params.output_dir)
-    if prepared is not None:
-        prepared()
-    for note in setup.notes:
-        log.info(note)
-    if not resume:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    with _thread_limit(params.threads), setup.images:
+    with make_backend(params.scheduler, params.cluster) as backend, _thread_limit(params.threads), setup.images:
+        if prepared is not None:
+            prepared()
+        for note in setup.notes:
+            log.info(note)
+        log.info(f"Particle search and insertion run in {backend.description}.")
         if resume:
             state = RefineState.load(out / CHECKPOINTS)
             log.info(f"Continuing after iteration {state.iteration}.")
         else:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             state = RefineState.start(setup.half, np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
                                       params.n_peaks, setup.initial_ring_limit, setup.box)
         maps = _current_maps(state, setup)
         while state.iteration < params.max_iter:
             started = time.perf_counter()
-            figures = _iterate(state, setup, params, maps)
+            figures = _iterate(state, setup, params, maps, backend)
             maps = _current_maps(state, setup)
             curve = fsc(maps[0] * setup.mask, maps[1] * setup.mask)
             figures.update(_resolution_figures(state, setup, params, curve))
@@ -126,7 +146,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             if _converged(state, params, setup):
                 log.info(f"Converged at iteration {state.iteration}.")
                 break
-        result = _final_maps(state, setup, params)
+        result = _final_maps(state, setup, params, backend)
         outputs.write_final(out, result, params)
     return result
 
@@ -153,28 +173,31 @@ def _current_maps(state, setup):
     return [reconstruct_volume(s, curve) * corners for s in state.sums]
 
 
-def _iterate(state, setup, params, maps):
-    """One iteration of search and sum updates; returns its figures."""
+def _iterate(state, setup, params, maps, backend):
+    """One iteration of search and sum updates, its chunks run by ``backend``; returns its figures."""
     state.iteration += 1
     rng = np.random.default_rng([params.seed, 2, state.iteration])
     rows = select_update_set(state, params.update_fraction, rng)
     grid = PolarGrid(setup.box, 2, state.ring_limit, setup.n_rot)
     references = [PolarReferences.from_projector(FourierProjector(m * setup.mask), setup.directions_deg, grid)
                   for m in maps]
-    backprojector = Backprojector(setup.box, symmetry_ops=setup.symmetry_ops if len(setup.symmetry_ops) > 1 else None)
-    new_sums = [_accumulators(setup.box) for _ in (1, 2)]
+    settings = SearchSettings(references, grid, setup.directions_deg, setup.neighbours, setup.coarse_directions,
+                              setup.trs_px, setup.shift_step_px, params.n_peaks, params.sigma, params.seed,
+                              state.iteration, _insertion_settings(setup, backend))
+    chunks = [SearchChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+                          state.direction[part], state.psi_index[part])
+              for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size))]
     previous_angles = state.angles_deg[rows].copy()
-    for chunk_rows, images in setup.images.chunks(params.chunk_size, rows):
-        normalised = normalise_and_mask(images, setup.mask_radius_px, edge_px=4.0, mask=False)
-        for h in (1, 2):
-            sub = np.flatnonzero(setup.half[chunk_rows] == h)
-            if sub.size:
-                _search_and_insert(state, setup, params, grid, references[h - 1], backprojector,
-                                   new_sums[h - 1], chunk_rows[sub], normalised[sub], rng)
+    found, new_sums = backend.map_reduce(search_chunk, chunks, settings, [c.half for c in chunks],
+                                         name=f"prime-search-it{state.iteration:03d}")
+    del chunks, settings, references
+    for orientations in found:
+        _record(state, orientations)
     delta = params.update_fraction
-    for h in (0, 1):
-        U, rho = new_sums[h]
-        state.sums[h] = state.sums[h].scaled(1.0 - delta) + FourierSums(U.sum(0), rho.sum(0), setup.box)
+    for h in (1, 2):  # a half with no particle in the update set adds nothing
+        added = new_sums.pop(h) if h in new_sums else FourierSums.zeros(setup.box)
+        state.sums[h - 1] = state.sums[h - 1].scaled(1.0 - delta) + added
+        del added
     state.update_count[rows] += 1
     state.last_update[rows] = state.iteration
     changes = _orientation_changes(previous_angles, state.angles_deg[rows])
@@ -184,66 +207,30 @@ def _iterate(state, setup, params, maps):
             "mean_correlation": float(state.correlation[rows].mean())}
 
 
-def _accumulators(box, padding=2.0):
-    """One grid of sums (U, rho) with a leading axis of 1: the insertion threads share it (slab-parallel)."""
-    padded = int(round(padding * box))
-    shape = (1, padded, padded, padded // 2 + 1)
-    return np.zeros(shape, np.complex64), np.zeros(shape, np.float32)
+def _half_set_chunks(rows, half, chunk_size):
+    """The work decomposition: (half-set, rows) pieces, half 1 then half 2, each half's ``rows`` in
+    order, cut into pieces of at most ``chunk_size``. The order numbers the chunks (and seeds them)."""
+    for h in (1, 2):
+        mine = rows[half[rows] == h]
+        for start in range(0, len(mine), chunk_size):
+            yield h, mine[start:start + chunk_size]
 
 
-def _search_and_insert(state, setup, params, grid, references, backprojector, sums, rows, images, rng):
-    """Search particles ``rows`` (one half) and insert them at their new orientations."""
-    ctf = None if setup.ctf is None else setup.ctf.take(rows)
-    masked = normalise_and_mask(images, setup.mask_radius_px, edge_px=4.0)
-    particles = particle_sections(masked, grid, ctf=ctf, pixel_size_A=setup.pixel_size_A)
-    searched = state.direction[rows] >= 0
-    for is_new in (True, False):
-        pick = np.flatnonzero(~searched if is_new else searched)
-        if pick.size == 0:
-            continue
-        target = rows[pick]
-        subset = particles.take(pick)
-        previous = None if is_new else (state.direction[target], state.psi_index[target])
-        result = search_particles(references, subset, grid, state.shift_px[target], rng, previous=previous,
-                                  n_peaks=params.n_peaks, sigma=params.sigma, trs_px=setup.trs_px,
-                                  shift_step_px=setup.shift_step_px, neighbours=setup.neighbours,
-                                  coarse=setup.coarse_directions)
-        _record(state, setup, grid, target, result)
-    del particles
-    full_ctf = None if ctf is None else ctf_image(ctf, setup.box, setup.pixel_size_A, rfft=True)
-    data, weights2 = backprojector.image_transforms(images, state.shift_px[rows], full_ctf)
-    image_of, rotations, weights = _peak_orientations(state, rows)
-    backprojector.insert_per_thread(sums[0], sums[1], data, weights2, rotations, image_of, weights)
+def _ctf_of(setup, rows):
+    return None if setup.ctf is None else setup.ctf.take(rows)
 
 
-def _peak_orientations(state, rows):
-    """The weighted orientations of particles ``rows``: image index (k,), rotations (k, 3, 3), weights (k,).
-
-    Peaks of negligible weight (< 1e-4) are left out of the reconstruction.
-    """
-    n_peaks = state.peak_weights.shape[1]
-    keep = state.peak_weights[rows] > 1e-4
-    image_of = np.repeat(np.arange(len(rows)), n_peaks).reshape(len(rows), n_peaks)[keep]
-    angles = state.peak_angles_deg[rows][keep]
-    return image_of, euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]), state.peak_weights[rows][keep]
+def _insertion_settings(setup, backend):
+    return InsertionSettings(setup.box, setup.pixel_size_A, setup.mask_radius_px, setup.symmetry_ops,
+                             backend.threads_per_task)
 
 
-def _record(state, setup, grid, rows, result):
-    """Store a SearchResult for particles ``rows``."""
-    directions = setup.directions_deg
-    state.direction[rows] = result.direction
-    state.psi_index[rows] = result.psi_index
-    state.shift_px[rows] = result.shift_px
-    state.correlation[rows] = result.correlation
-    state.fraction_visited[rows] = result.fraction_visited
-    psi = result.peak_psi * grid.psi_step_deg
-    peak_dirs = np.maximum(result.peak_directions, 0)
-    state.peak_directions[rows] = result.peak_directions
-    state.peak_psi[rows] = result.peak_psi
-    state.peak_angles_deg[rows] = np.stack([directions[peak_dirs, 0], directions[peak_dirs, 1], psi], axis=-1)
-    state.peak_weights[rows] = np.where(result.peak_directions >= 0, result.peak_weights, 0.0)
-    state.peak_correlations[rows] = result.peak_correlations
-    state.angles_deg[rows] = state.peak_angles_deg[rows, 0]
+def _record(state, found):
+    """Store a search task's ChunkOrientations into the state (every per-particle field has the same name in both)."""
+    rows = found.rows
+    for name in found.PER_PARTICLE_FIELDS:
+        getattr(state, name)[rows] = getattr(found, name)
+    state.angles_deg[rows] = found.peak_angles_deg[:, 0]
 
 
 def _orientation_changes(before, after):
@@ -286,21 +273,16 @@ def _converged(state, params, setup):
     return visited and steady and limit_fixed and not improving
 
 
-def _final_maps(state, setup, params):
-    """Every particle inserted once at its final orientations: final half maps, FSC and combined map."""
-    backprojector = Backprojector(setup.box, symmetry_ops=setup.symmetry_ops if len(setup.symmetry_ops) > 1 else None)
-    sums = [_accumulators(setup.box) for _ in (1, 2)]
-    for rows, images in setup.images.chunks(params.chunk_size):
-        normalised = normalise_and_mask(images, setup.mask_radius_px, edge_px=4.0, mask=False)
-        ctf = None if setup.ctf is None else ctf_image(setup.ctf.take(rows), setup.box, setup.pixel_size_A, rfft=True)
-        data, weights2 = backprojector.image_transforms(normalised, state.shift_px[rows], ctf)
-        image_of, rotations, weights = _peak_orientations(state, rows)
-        halves = setup.half[rows][image_of]
-        for h in (1, 2):
-            on = halves == h
-            backprojector.insert_per_thread(sums[h - 1][0], sums[h - 1][1], data, weights2, rotations[on],
-                                            image_of[on], weights[on])
-    final = [FourierSums(U.sum(0), rho.sum(0), setup.box) for U, rho in sums]
+def _final_maps(state, setup, params, backend):
+    """Every particle inserted once at its final orientations (chunks run by ``backend``): final
+    half maps, FSC and combined map."""
+    everyone = np.arange(len(state.half))
+    chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+                          state.peak_angles_deg[part], state.peak_weights[part])
+              for index, (half, part) in enumerate(_half_set_chunks(everyone, setup.half, params.chunk_size))]
+    _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend), [c.half for c in chunks],
+                                 name="prime-final")
+    final = [sums[1], sums[2]]
     corners = soft_sphere_mask(setup.box, setup.box / 2.0, 3.0)
     first = [reconstruct_volume(s) * corners for s in final]
     curve = fsc(first[0] * setup.mask, first[1] * setup.mask)

@@ -13,6 +13,7 @@ import numpy as np
 from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.directions import coarse_subset, direction_neighbours, directions_for_count
 from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.execution import check_backend_choice
 from prime_plugin.core.fourier import low_pass, soft_sphere_mask
 from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume
@@ -115,6 +116,9 @@ def _check_numbers(params):
         raise PrimeInputError(f"--ini_high must be positive, got {params.ini_high_A:g} A")
     if params.trs_px is not None and params.trs_px < 0:
         raise PrimeInputError(f"--trs must not be negative, got {params.trs_px:g} px")
+    if int(params.chunk_size) != params.chunk_size or params.chunk_size < 1:
+        raise PrimeInputError(f"chunk_size must be a whole number of particles >= 1, got {params.chunk_size!r}")
+    check_backend_choice(params.scheduler, params.cluster)
 
 
 def _half_sets(table, params):

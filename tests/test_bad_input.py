@@ -77,6 +77,15 @@ def test_missing_stack_file(dataset, tmp_path):
     assert_one_line_error(prime("check", "--i", "particles.star", cwd=tmp_path), "particles.star", "gone.mrcs", "not found")
 
 
+def test_truncated_stack(dataset, tmp_path):
+    dataset()
+    stack = tmp_path / "stack.mrcs"
+    with open(stack, "r+b") as f:
+        f.truncate(stack.stat().st_size - 100)
+    assert_one_line_error(prime("check", "--i", "particles.star", cwd=tmp_path), "stack.mrcs", "truncated",
+                          "3 images of 16 x 16")
+
+
 def test_image_index_past_end_of_stack(dataset, tmp_path):
     dataset(names=("1@stack.mrcs", "4@stack.mrcs"))
     assert_one_line_error(prime("check", "--i", "particles.star", cwd=tmp_path), "4@stack.mrcs", "past the end", "3 images")

@@ -68,15 +68,21 @@ def imported(project, relion, shared_data):
     return particles, volume_import, data, volume
 
 
-@pytest.fixture(scope="module")
-def refined(project, imported):
+def new_refinement(project, imported, label):
+    """A ProtPrimeRefine3D on the imported particles and map (the settings every run here uses)."""
     from prime_plugin.protocols import ProtPrimeRefine3D
 
     particles, volume_import, _, _ = imported
-    prot = project.newProtocol(ProtPrimeRefine3D, objLabel="prime refine", particleDiameter=300,
-                               updateFraction=0.25, maxIterations=8, numberOfThreads=2)
+    prot = project.newProtocol(ProtPrimeRefine3D, objLabel=label, particleDiameter=300, updateFraction=0.25,
+                               maxIterations=8, numberOfThreads=2)
     prot.inputParticles.set(particles.outputParticles)
     prot.referenceVolume.set(volume_import.outputVolume)
+    return prot
+
+
+@pytest.fixture(scope="module")
+def refined(project, imported):
+    prot = new_refinement(project, imported, "prime refine")
     project.launchProtocol(prot, wait=True)
     return prot
 
@@ -169,11 +175,7 @@ def test_resume_after_stop_continues_from_the_last_complete_iteration(project, i
 
     from prime_plugin.protocols import ProtPrimeRefine3D
 
-    particles, volume_import, _, _ = imported
-    prot = project.newProtocol(ProtPrimeRefine3D, objLabel="prime refine, stopped", particleDiameter=300,
-                               updateFraction=0.25, maxIterations=8, numberOfThreads=2)
-    prot.inputParticles.set(particles.outputParticles)
-    prot.referenceVolume.set(volume_import.outputVolume)
+    prot = new_refinement(project, imported, "prime refine, stopped")
     project.launchProtocol(prot, wait=False)
     log = prot._getExtraPath(ProtPrimeRefine3D.OUTDIR, "run.log")
     _wait_for(lambda: os.path.exists(log) and "iteration   2:" in open(log).read(), 300, "iteration 2")

@@ -56,6 +56,21 @@ def add_args(parser):
     search.add_argument("--max_iter", type=int, default=30, metavar="N", help="maximum iterations (default 30)")
     search.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
     parser.add_argument("--j", type=int, default=None, metavar="THREADS", help="threads (default: all cores)")
+    spread = parser.add_argument_group(
+        "computing on several processes or machines (optional)",
+        "The particles are searched in chunks; with one of these options the chunks run on a\n"
+        "Dask cluster instead of inside this program, with the same results (up to rounding in\n"
+        "the last digits). Needs the dask extra: pip install \"scipion-em-prime[dask]\".")
+    spread.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="send the chunks to a Dask cluster that is already running, for example one "
+                             "started on the queue with dask-jobqueue: the address its scheduler prints, "
+                             "like tcp://10.0.0.5:8786. The workers need this same version of prime and must "
+                             "see the particle images under the same paths as this computer. Start one worker "
+                             "with one thread per machine (dask worker ADDRESS --nthreads 1): each chunk then "
+                             "uses all the cores of its machine")
+    spread.add_argument("--cluster", default=None, metavar="local:N",
+                        help="start N worker processes on this computer (1 thread each) and send the chunks to "
+                             "them; they are stopped at the end. Mostly to try a cluster set-up on a workstation")
 
 
 def main(args):
@@ -73,7 +88,8 @@ def main(args):
     params = RefineParameters(args.i, args.ref, str(out), symmetry=args.sym, particle_diameter_A=args.particle_diameter,
                               ini_high_A=args.ini_high, update_fraction=args.update_frac, n_space=args.nspace,
                               trs_px=args.trs, n_peaks=args.npeaks, max_iter=args.max_iter, threads=args.j,
-                              solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix)
+                              solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
+                              scheduler=args.scheduler, cluster=args.cluster)
     bar = _ProgressBar(args.max_iter)
 
     def prepared():  # the inputs are good: now the log and the bar may appear

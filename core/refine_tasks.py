@@ -1,0 +1,224 @@
+"""The refinement's unit of work: a chunk of particles -> updated orientations and partial sums (U, rho).
+
+A chunk is particles of one half-set. Its task receives only what it needs, all of it
+small or shared: where its images lie (:class:`~prime_plugin.core.images.ImageRows`,
+never pixels), its particles' slices of the refinement state (origins, previous
+orientations, CTF parameters), and the data every chunk of the pass shares (the polar
+references of both half maps and the setup constants), broadcast once per pass. It
+reads its images itself (memory-mapped), so it runs the same in this process or on a
+Dask worker (:mod:`~prime_plugin.core.execution`).
+
+- :func:`search_chunk` (every iteration): searches the chunk's particles against their
+  half's references (exhaustive for particles never searched, stochastic hill climbing
+  otherwise; then origins and peak weights) and inserts them at their new orientations.
+  Its random numbers come from its own generator, seeded by (seed, iteration, chunk
+  index), so a chunk gives the same result wherever and however often it runs.
+- :func:`insert_chunk` (the final maps): inserts the chunk's particles at their final
+  orientations.
+
+Both return (per-particle output or None, :class:`~prime_plugin.core.reconstruct.FourierSums`
+of the chunk alone). Images are normalised on their background first (then soft-masked
+for the search), as everywhere in the refinement.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from prime_plugin.core.ctf import ctf_image
+from prime_plugin.core.geometry import euler_to_matrix
+from prime_plugin.core.polar import normalise_and_mask, particle_sections
+from prime_plugin.core.reconstruct import Backprojector, FourierSums
+from prime_plugin.core.search import search_particles
+from prime_plugin.core.star_reconstruction import _thread_limit
+
+SEARCH_RANDOM_STREAM = 3  # the chunks' generators: default_rng([seed, 3, iteration, chunk index])
+MASK_EDGE_PX = 4.0  # soft edge of the circular mask and margin of the background ring
+MIN_PEAK_WEIGHT = 1e-4  # orientations of smaller weight are left out of the reconstruction
+
+
+@dataclass
+class InsertionSettings:
+    """Constants of the reconstruction: box (px), pixel_size_A (A), mask_radius_px (px, the particle
+    mask; the background outside it normalises the images), symmetry_ops float64 (s, 3, 3), and
+    threads, the threads a task may use (None: the calling process's settings)."""
+
+    box: int
+    pixel_size_A: float
+    mask_radius_px: float
+    symmetry_ops: np.ndarray
+    threads: int = None
+
+
+@dataclass
+class SearchSettings:
+    """What every chunk of one iteration shares (broadcast once per iteration).
+
+    references : [PolarReferences of half map 1, of half map 2] (D directions each).
+    grid : the PolarGrid of this iteration (ring limit). directions_deg : (D, 2) (rot, tilt).
+    neighbours : int64 (D, k) direction neighbour table; coarse_directions : int64 indices of
+    the coarse subset searched first. trs_px, shift_step_px : origin search radius and grid
+    step (px). n_peaks, sigma : orientations kept per particle and their softmax width.
+    seed, iteration : with the chunk index, the seed of each chunk's generator.
+    insertion : InsertionSettings.
+    """
+
+    references: list
+    grid: object
+    directions_deg: np.ndarray
+    neighbours: np.ndarray
+    coarse_directions: np.ndarray
+    trs_px: float
+    shift_step_px: float
+    n_peaks: int
+    sigma: float
+    seed: int
+    iteration: int
+    insertion: InsertionSettings
+
+
+@dataclass
+class SearchChunk:
+    """The particles of one search task, all of half-set ``half``; arrays indexed like ``rows``.
+
+    index : the chunk's place in its iteration (seeds its generator). rows : int64 (k,) table
+    rows. images : ImageRows. shift_px : float64 (k, 2) RELION origins (x, y) px.
+    ctf : CtfParams of the k particles, or None. direction, psi_index : int64 (k,) the
+    previous orientation (direction -1: never searched).
+    """
+
+    index: int
+    half: int
+    rows: np.ndarray
+    images: object
+    shift_px: np.ndarray
+    ctf: object
+    direction: np.ndarray
+    psi_index: np.ndarray
+
+
+@dataclass
+class InsertChunk:
+    """The particles of one insertion task, all of half-set ``half``; arrays indexed like ``rows``.
+
+    index, rows, images, shift_px, ctf : as in SearchChunk. peak_angles_deg : float64 (k, p, 3)
+    the n_peaks orientations (rot, tilt, psi); peak_weights : float64 (k, p) their weights.
+    """
+
+    index: int
+    half: int
+    rows: np.ndarray
+    images: object
+    shift_px: np.ndarray
+    ctf: object
+    peak_angles_deg: np.ndarray
+    peak_weights: np.ndarray
+
+
+@dataclass
+class ChunkOrientations:
+    """A search task's per-particle output, arrays indexed like ``rows`` (k,), p = n_peaks.
+
+    direction, psi_index : int64 (k,) best orientation; shift_px : (k, 2) px; correlation,
+    fraction_visited : (k,); peak_directions, peak_psi : int64 (k, p) (direction -1: no peak);
+    peak_angles_deg : (k, p, 3) (rot, tilt, psi); peak_weights (0 where no peak),
+    peak_correlations : (k, p).
+    """
+
+    rows: np.ndarray
+    direction: np.ndarray
+    psi_index: np.ndarray
+    shift_px: np.ndarray
+    correlation: np.ndarray
+    fraction_visited: np.ndarray
+    peak_directions: np.ndarray
+    peak_psi: np.ndarray
+    peak_angles_deg: np.ndarray
+    peak_weights: np.ndarray
+    peak_correlations: np.ndarray
+
+    # The fields copied one to one from a SearchResult and into the RefineState.
+    PER_PARTICLE_FIELDS = ("direction", "psi_index", "shift_px", "correlation", "fraction_visited", "peak_directions",
+                           "peak_psi", "peak_angles_deg", "peak_weights", "peak_correlations")
+    FROM_SEARCH_RESULT = ("direction", "psi_index", "shift_px", "correlation", "fraction_visited", "peak_directions",
+                          "peak_psi", "peak_correlations")
+
+    @classmethod
+    def empty(cls, rows, n_peaks):
+        k = len(rows)
+        return cls(rows, np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros((k, 2)), np.zeros(k), np.zeros(k),
+                   np.full((k, n_peaks), -1, np.int64), np.zeros((k, n_peaks), np.int64), np.zeros((k, n_peaks, 3)),
+                   np.zeros((k, n_peaks)), np.zeros((k, n_peaks)))
+
+    def store(self, pick, result, directions_deg, psi_step_deg):
+        """Fill positions ``pick`` (int array) from a SearchResult of those particles."""
+        for name in self.FROM_SEARCH_RESULT:
+            getattr(self, name)[pick] = getattr(result, name)
+        found = result.peak_directions >= 0
+        known = np.maximum(result.peak_directions, 0)
+        self.peak_angles_deg[pick] = np.stack([directions_deg[known, 0], directions_deg[known, 1],
+                                               result.peak_psi * psi_step_deg], axis=-1)
+        self.peak_weights[pick] = np.where(found, result.peak_weights, 0.0)
+
+
+def search_chunk(chunk, settings):
+    """Search a :class:`SearchChunk` with :class:`SearchSettings`; returns (ChunkOrientations, FourierSums)."""
+    insertion = settings.insertion
+    with _task_threads(insertion.threads):
+        rng = np.random.default_rng([settings.seed, SEARCH_RANDOM_STREAM, settings.iteration, chunk.index])
+        normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
+        masked = normalise_and_mask(normalised, insertion.mask_radius_px, MASK_EDGE_PX)
+        particles = particle_sections(masked, settings.grid, ctf=chunk.ctf, pixel_size_A=insertion.pixel_size_A)
+        del masked
+        references = settings.references[chunk.half - 1]
+        found = ChunkOrientations.empty(chunk.rows, settings.n_peaks)
+        searched = chunk.direction >= 0
+        for first_search in (True, False):
+            pick = np.flatnonzero(~searched if first_search else searched)
+            if pick.size == 0:
+                continue
+            previous = None if first_search else (chunk.direction[pick], chunk.psi_index[pick])
+            result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
+                                      previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
+                                      trs_px=settings.trs_px, shift_step_px=settings.shift_step_px,
+                                      neighbours=settings.neighbours, coarse=settings.coarse_directions)
+            found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)
+        del particles
+        sums = insert_particles(normalised, found.shift_px, chunk.ctf, found.peak_angles_deg, found.peak_weights,
+                                insertion)
+    return found, sums
+
+
+def insert_chunk(chunk, insertion):
+    """Insert an :class:`InsertChunk` with :class:`InsertionSettings`; returns (None, FourierSums)."""
+    with _task_threads(insertion.threads):
+        normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
+        sums = insert_particles(normalised, chunk.shift_px, chunk.ctf, chunk.peak_angles_deg, chunk.peak_weights,
+                                insertion)
+    return None, sums
+
+
+def insert_particles(images, shift_px, ctf, peak_angles_deg, peak_weights, insertion):
+    """Fourier sums of ``images`` float32 (k, N, N) inserted at their weighted orientations.
+
+    shift_px : (k, 2) RELION origins px; ctf : CtfParams of the k images or None;
+    peak_angles_deg : (k, p, 3); peak_weights : (k, p) (peaks below MIN_PEAK_WEIGHT are
+    left out). Every symmetry mate is inserted. Returns new FourierSums of box N.
+    """
+    ops = insertion.symmetry_ops
+    backprojector = Backprojector(insertion.box, symmetry_ops=ops if len(ops) > 1 else None)
+    sums = FourierSums.zeros(insertion.box, backprojector.padding)
+    ctf_grid = None if ctf is None else ctf_image(ctf, insertion.box, insertion.pixel_size_A, rfft=True)
+    data, ctf2 = backprojector.image_transforms(images, shift_px, ctf_grid)
+    kept = peak_weights > MIN_PEAK_WEIGHT
+    image_of = np.nonzero(kept)[0]
+    angles = peak_angles_deg[kept]
+    backprojector.insert(sums, data, ctf2, euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]), image_of,
+                         peak_weights[kept])
+    return sums
+
+
+def _task_threads(threads):
+    """numba and scipy.fft limited to ``threads`` during a task; None leaves the process's settings."""
+    return nullcontext() if threads is None else _thread_limit(threads)
