@@ -53,6 +53,9 @@ def add_args(parser):
                         help="origin search range in pixels (default 8%% of the box, 2 to 8)")
     search.add_argument("--npeaks", type=int, default=3, metavar="N",
                         help="orientations kept per particle, weighted by their correlation (default 3)")
+    search.add_argument("--sigma", type=float, default=0.02, metavar="S",
+                        help="softness of those weights: orientation j of a particle weighs exp(-(1 - corr_j) / S), "
+                             "normalised (default 0.02; smaller trusts the best orientation more)")
     search.add_argument("--max_iter", type=int, default=30, metavar="N", help="maximum iterations (default 30)")
     search.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
     parser.add_argument("--j", type=int, default=None, metavar="THREADS", help="threads (default: all cores)")
@@ -87,7 +90,7 @@ def main(args):
         raise PrimeInputError("holds no refinement to continue", out)
     params = RefineParameters(args.i, args.ref, str(out), symmetry=args.sym, particle_diameter_A=args.particle_diameter,
                               ini_high_A=args.ini_high, update_fraction=args.update_frac, n_space=args.nspace,
-                              trs_px=args.trs, n_peaks=args.npeaks, max_iter=args.max_iter, threads=args.j,
+                              trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter, threads=args.j,
                               solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
                               scheduler=args.scheduler, cluster=args.cluster)
     bar = _ProgressBar(args.max_iter)
