@@ -367,18 +367,58 @@ def prime_series(cache, name, record):
 def relion_series(cache, record):
     """Per RELION iteration: elapsed s (modification time of run_itNNN_data.star), masked resolution of
     run_itNNN_half1/2_class001.mrc, median angular error. Iteration 1 is left out: RELION 3.1 writes
-    practically identical half maps there (FSC > 0.96 to Nyquist), so its FSC says nothing."""
+    practically identical half maps there (FSC > 0.96 to Nyquist), so its FSC says nothing.
+
+    A run continued with ``--continue run_itK_optimiser.star --o Refine3D/run_ctK`` (see
+    :func:`relion_continuation`) adds its iterations, timed as the first run's time to iteration K
+    plus the continuation's own elapsed time."""
     series = []
-    for data in sorted((cache / "Refine3D").glob("run_it[0-9][0-9][0-9]_data.star")):
+    folder = cache / "Refine3D"
+    continued = relion_continuation(cache)
+    for data in sorted(folder.glob("run_it[0-9][0-9][0-9]_data.star")):
         iteration = int(data.name[6:9])
-        half1, half2 = (cache / "Refine3D" / f"run_it{iteration:03d}_half{h}_class001.mrc" for h in (1, 2))
-        if iteration <= 1 or not (half1.is_file() and half2.is_file()):
+        if continued and iteration > continued["from_iteration"]:
             continue
-        masked, _ = half_map_resolutions(half1, half2)
-        angles, _ = pose_errors(cache / "truth.star", data)
-        series.append({"iteration": iteration, "elapsed_s": data.stat().st_mtime - record["started"],
-                       "resolution_A": masked, "median_error_deg": float(np.median(angles))})
-    return series
+        series.append(_relion_point(cache, data, folder / f"run_it{iteration:03d}", iteration,
+                                    data.stat().st_mtime - record["started"]))
+    if continued:
+        prefix = continued["prefix"]
+        for data in sorted(folder.glob(f"{prefix}_it[0-9][0-9][0-9]_data.star")):
+            iteration = int(data.name[len(prefix) + 3:len(prefix) + 6])
+            if iteration <= continued["from_iteration"]:  # RELION rewrites the iteration it continues from
+                continue
+            elapsed = continued["first_part_s"] + data.stat().st_mtime - continued["record"]["started"]
+            series.append(_relion_point(cache, data, folder / f"{prefix}_it{iteration:03d}", iteration, elapsed))
+    return [point for point in series if point is not None]
+
+
+def _relion_point(cache, data, stem, iteration, elapsed_s):
+    half1, half2 = (Path(f"{stem}_half{h}_class001.mrc") for h in (1, 2))
+    if iteration <= 1 or not (half1.is_file() and half2.is_file()):
+        return None
+    masked, _ = half_map_resolutions(half1, half2)
+    angles, _ = pose_errors(cache / "truth.star", data)
+    return {"iteration": iteration, "elapsed_s": elapsed_s, "resolution_A": masked,
+            "median_error_deg": float(np.median(angles))}
+
+
+def relion_continuation(cache):
+    """The continuation of a RELION run stopped at the time limit, if one was made, else None.
+
+    It is recorded in timing_relion_continued.json (a timed_run record plus ``from_iteration`` K)
+    and ran ``relion_refine_mpi --continue Refine3D/run_itK_optimiser.star --o Refine3D/run_ctK``
+    (the same MPI layout, --dont_combine_weights_via_disc --pool 30 --j 1). The whole run's wall
+    time is then the first run's time to its iteration K plus the continuation's wall time; the
+    first run's work on iteration K + 1, stopped unfinished, is not counted.
+    """
+    path = cache / "timing_relion_continued.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    first = json.loads((cache / "timing_relion.json").read_text())
+    k = int(record["from_iteration"])
+    first_part = (cache / "Refine3D" / f"run_it{k:03d}_data.star").stat().st_mtime - first["started"]
+    return {"record": record, "from_iteration": k, "prefix": f"run_ct{k}", "first_part_s": first_part}
 
 
 def score(cache, records):
@@ -398,16 +438,31 @@ def score(cache, records):
     record = records["relion"]
     series = relion_series(cache, record)
     final = cache / "Refine3D"
-    if (final / "run_half1_class001_unfil.mrc").is_file():
-        halves, data, combined = ([final / f"run_half{h}_class001_unfil.mrc" for h in (1, 2)], final / "run_data.star",
-                                  final / "run_class001.mrc")
+    continued = relion_continuation(cache)
+    prefix, stdout_name = "run", "relion.stdout"
+    if continued:  # the whole run: the first part to iteration K, then the continuation
+        prefix, stdout_name = continued["prefix"], "relion_continued.stdout"
+        second = continued["record"]
+        # CPU, memory and load: the continuation's (the first part's were lost when it was stopped).
+        record = dict(record, wall_s=continued["first_part_s"] + second["wall_s"], stopped=second["stopped"],
+                      continued=True, first_part_s=continued["first_part_s"], second_part=second,
+                      user_s=second["user_s"], sys_s=second["sys_s"], rss_mb=second["rss_mb"],
+                      load_mean=second["load_mean"], load_max=second["load_max"],
+                      command=record["command"] + f"  (then: {second['command']})")
+        if record["stopped"] and series:  # compared at its last complete iteration, so timed to it
+            record["wall_s"] = series[-1]["elapsed_s"]
+    if (final / f"{prefix}_half1_class001_unfil.mrc").is_file():
+        halves = [final / f"{prefix}_half{h}_class001_unfil.mrc" for h in (1, 2)]
+        data, combined = final / f"{prefix}_data.star", final / f"{prefix}_class001.mrc"
     else:  # stopped: the last complete iteration
         last = series[-1]["iteration"]
-        halves = [final / f"run_it{last:03d}_half{h}_class001.mrc" for h in (1, 2)]
-        data, combined = final / f"run_it{last:03d}_data.star", None
+        stem = final / (f"{prefix}_it{last:03d}" if continued and last > continued["from_iteration"]
+                        else f"run_it{last:03d}")
+        halves = [Path(f"{stem}_half{h}_class001.mrc") for h in (1, 2)]
+        data, combined = Path(f"{stem}_data.star"), None
     angles, shifts = pose_errors(cache / "truth.star", data)
     masked, unmasked = half_map_resolutions(*halves)
-    stdout = (cache / "relion.stdout").read_text(errors="replace")
+    stdout = (cache / stdout_name).read_text(errors="replace")
     rows["relion"] = {"angles": angles, "shifts": shifts, "masked": masked, "unmasked": unmasked,
                       "truth_05": truth_resolution(combined, truth) if combined else float("nan"),
                       "iterations": series[-1]["iteration"] if series else 0,
@@ -474,7 +529,7 @@ def table(rows):
             note = f"converged at {r['converged']}" if r["converged"] else "max_iter reached"
         sampled = " (sampled)" if rec.get("figures_sampled") else ""
         lines.append(f"| {label} | {rec['wall_s']:.0f}{' (stopped)' if rec['stopped'] else ''} | "
-                     f"{rec['user_s'] + rec['sys_s']:.0f}{sampled} | {rec['rss_mb']:.0f}{sampled} | "
+                     f"{fmt(rec['user_s'] + rec['sys_s'], '.0f')}{sampled} | {fmt(rec['rss_mb'], '.0f')}{sampled} | "
                      f"{r['iterations']} ({note}) | {np.median(r['angles']):.2f} | {np.median(r['shifts']):.2f} | "
                      f"{r['masked']:.2f} / {r['unmasked']:.2f} | {fmt(r['truth_05'], '.2f')} | "
                      f"{rec['load_mean']:.2f} / {rec['load_max']:.2f} |")
@@ -579,6 +634,29 @@ def convergence_figure(rows, path):
     plt.close(fig)
 
 
+def relion_timeline(relion):
+    record = relion["record"]
+    if not record.get("continued"):
+        return ""
+    second = record["second_part"]
+    return (f"RELION's run in two parts: the first command reached iteration {second['from_iteration']} after "
+            f"{record['first_part_s']:.0f} s (its files' times) and was stopped at the 60 min limit during the next "
+            f"iteration; `{second['command']}` then went on from that iteration for {second['wall_s']:.0f} s "
+            f"(1-minute load {second['load_mean']:.1f} mean / {second['load_max']:.1f} max: the machine was shared) "
+            f"until it was stopped: {second.get('note', '')}. Its wall time above is the time to its last complete "
+            f"iteration ({relion['iterations']}: the first part plus the continuation's time to it), whose scores "
+            f"are the ones given.")
+
+
+def relion_memory_note(record):
+    ranks = record.get("rss_ranks_mb")
+    if ranks:
+        return (f"For RELION the peak memory is the sum of the {RELION_RANKS} ranks' peaks "
+                f"({', '.join(f'{m:.0f}' for m in ranks)} MB).")
+    return ("RELION's CPU time and peak memory were not recorded: its runs were stopped, and GNU time on "
+            "mpirun sees neither the ranks' CPU nor their memory (n/a in the table).")
+
+
 def section(rows, inc, match, command_line, cache):
     records = [rows[name]["record"] for name in LABELS]
     cmds = "\n".join(f"    {r['command']}" for r in records)
@@ -595,8 +673,7 @@ the true map is the start for both programs (--ini_high 40). Commands (in the ca
 {cmds}
     relion_reconstruct --i truth.star --o true_half1.mrc --ctf --subset 1   (and --subset 2; the bound)
 
-For RELION the peak memory is the sum of the {RELION_RANKS} ranks' peaks ({', '.join(f'{m:.0f}' for m in
-rows['relion']['record'].get('rss_ranks_mb', []))} MB). Scores are computed by the benchmark from the
+{relion_memory_note(rows['relion']['record'])} Scores are computed by the benchmark from the
 written files (mask: soft_sphere_mask(64, 30, 4); map vs truth unmasked).
 
 {table(rows)}
@@ -608,6 +685,8 @@ Per iteration (elapsed wall time since the command started; RELION's from its fi
 All timed runs in this cache (the table shows the last of each):
 
 {repeats(cache)}
+
+{relion_timeline(rows['relion'])}
 
 Incremental learning: {incremental_text(inc)}
 
