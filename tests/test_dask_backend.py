@@ -149,10 +149,11 @@ def test_without_dask_the_options_are_one_line_of_error(dataset, tmp_path, optio
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_engine_and_the_command_line_import_no_dask():
+def test_the_engine_and_the_command_line_import_no_dask(tmp_path):
     code = ("import sys, prime_plugin.core, prime_plugin.core.execution, prime_plugin.core.refine_tasks, "
             "prime_plugin.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # Run outside the repository: its prime_plugin/ folder (without core/) would shadow the installed package.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

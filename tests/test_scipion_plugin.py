@@ -28,8 +28,10 @@ print(json.dumps({
 """
 
 
-def test_scipion_discovers_plugin_protocol_viewer_and_template(scipion):
-    done = subprocess.run([sys.executable, "-c", DISCOVERY], capture_output=True, text=True, timeout=300)
+def test_scipion_discovers_plugin_protocol_viewer_and_template(scipion, tmp_path):
+    # Outside the repository, whose prime_plugin/ folder would shadow the installed package.
+    done = subprocess.run([sys.executable, "-c", DISCOVERY], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["plugin_class"] == "prime_plugin.Plugin"
