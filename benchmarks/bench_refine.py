@@ -52,7 +52,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -62,6 +61,7 @@ import pandas as pd
 import starfile
 from scipy.spatial.transform import Rotation
 
+from bench_common import BackgroundSampler, prime_executable, run_checked
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler
 
@@ -144,34 +144,25 @@ def make_data(cache):
     (cache / "clean.mrcs").unlink()
 
 
-def run_checked(cmd, cwd):
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 # ---------------------------------------------------------------- timed runs
 
-class RunSampler:
+class RunSampler(BackgroundSampler):
     """While a run lasts: the 1-minute load average every 10 s, and every 2 s the summed resident set
     and CPU time of the run's process tree (read from /proc), which survive a run stopped by a signal."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
     def __init__(self):
+        super().__init__(period_s=2.0)
         self.loads, self.peak_rss_mb, self.cpu_ticks = [], 0.0, {}
-        self.root, self.stop = None, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.root, self.step = None, 0
 
-    def _sample(self):
-        step = 0
-        while not self.stop.wait(2.0):
-            step += 1
-            if step % 5 == 0:
-                self.loads.append(os.getloadavg()[0])
-            if self.root is not None:
-                self._tree()
+    def sample(self):
+        self.step += 1
+        if self.step % 5 == 0:
+            self.loads.append(os.getloadavg()[0])
+        if self.root is not None:
+            self._tree()
 
     def _tree(self):
         parents, stats = {}, {}
@@ -198,14 +189,6 @@ class RunSampler:
     @property
     def cpu_s(self):
         return sum(self.cpu_ticks.values()) / self.TICK
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def gnu_time(path):
@@ -274,11 +257,6 @@ def git_state():
     dirty = subprocess.run(["git", "status", "--short", "core", "prime_plugin"], cwd=REPO, capture_output=True,
                            text=True).stdout.split()
     return head.strip() + (" + uncommitted " + " ".join(dirty[1::2]) if dirty else "")
-
-
-def prime_executable():
-    beside = Path(sys.executable).parent / "prime"
-    return str(beside) if beside.is_file() else (shutil.which("prime") or "prime")
 
 
 def run_all(cache, rerun, relion_limit_min):

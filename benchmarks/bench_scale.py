@@ -80,7 +80,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -89,6 +88,7 @@ import numpy as np
 import psutil
 import starfile
 
+from bench_common import BackgroundSampler, prime_executable, run_checked
 from prime_plugin.core.directions import directions_for_count
 from prime_plugin.core.fourier import fsc
 from prime_plugin.core.geometry import euler_to_matrix
@@ -128,18 +128,6 @@ MODEL = {"particles": 1_000_000, "box": 256, "nodes": 100, "cores_per_node": 32,
 
 # ---------------------------------------------------------------- data
 
-def prime_executable():
-    beside = Path(sys.executable).parent / "prime"
-    return str(beside) if beside.is_file() else (shutil.which("prime") or "prime")
-
-
-def run_checked(cmd, cwd):
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 def make_data(cache):
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "ref.mrc").is_file():
@@ -167,19 +155,14 @@ def now():
 
 # ---------------------------------------------------------------- timed runs with per-process memory
 
-class TreeSampler:
+class TreeSampler(BackgroundSampler):
     """Every 0.5 s, the resident set (and its anonymous part) of every process under ``root`` (psutil)."""
 
     def __init__(self, root):
-        self.root, self.stop = root, threading.Event()
+        super().__init__(period_s=0.5)
+        self.root = root
         self.procs = {}  # pid -> {"depth", "cmd", "rss", "anon"} (peaks, MB)
         self.peak_total_mb = 0.0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.sample()
-            self.stop.wait(0.5)
 
     def sample(self):
         try:
@@ -208,14 +191,6 @@ class TreeSampler:
                 entry["rss"], entry["peak_at"] = rss, time.time()
             entry["anon"] = max(entry["anon"], anon)
         self.peak_total_mb = max(self.peak_total_mb, total)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def roles(procs):

@@ -79,13 +79,12 @@ class SearchSettings:
 
 
 @dataclass
-class SearchChunk:
-    """The particles of one search task, all of half-set ``half``; arrays indexed like ``rows``.
+class ParticleChunk:
+    """The particles of one task, all of half-set ``half``; arrays indexed like ``rows``.
 
-    index : the chunk's place in its iteration (seeds its generator). rows : int64 (k,) table
+    index : the chunk's place in its pass (seeds its generator). rows : int64 (k,) table
     rows. images : ImageRows. shift_px : float64 (k, 2) RELION origins (x, y) px.
-    ctf : CtfParams of the k particles, or None. direction, psi_index : int64 (k,) the
-    previous orientation (direction -1: never searched).
+    ctf : CtfParams of the k particles, or None.
     """
 
     index: int
@@ -94,24 +93,22 @@ class SearchChunk:
     images: object
     shift_px: np.ndarray
     ctf: object
+
+
+@dataclass
+class SearchChunk(ParticleChunk):
+    """A search task's particles: direction, psi_index : int64 (k,) the previous orientation
+    (direction -1: never searched)."""
+
     direction: np.ndarray
     psi_index: np.ndarray
 
 
 @dataclass
-class InsertChunk:
-    """The particles of one insertion task, all of half-set ``half``; arrays indexed like ``rows``.
+class InsertChunk(ParticleChunk):
+    """An insertion task's particles: peak_angles_deg : float64 (k, p, 3) the n_peaks orientations
+    (rot, tilt, psi); peak_weights : float64 (k, p) their weights."""
 
-    index, rows, images, shift_px, ctf : as in SearchChunk. peak_angles_deg : float64 (k, p, 3)
-    the n_peaks orientations (rot, tilt, psi); peak_weights : float64 (k, p) their weights.
-    """
-
-    index: int
-    half: int
-    rows: np.ndarray
-    images: object
-    shift_px: np.ndarray
-    ctf: object
     peak_angles_deg: np.ndarray
     peak_weights: np.ndarray
 
