@@ -322,6 +322,11 @@ def truth_resolution(path, truth):
     return float(resolution_at(fsc(mrcfile.read(path), truth), 0.5, BOX, APIX))
 
 
+def half_average(half1, half2):
+    """The mean of two half maps: the map of a RELION iteration (stopped runs write no combined map)."""
+    return 0.5 * (mrcfile.read(half1).astype(np.float64) + mrcfile.read(half2))
+
+
 def prime_series(cache, name, record):
     """Per iteration: elapsed s since the command started (run.log time stamps), masked resolution,
     median angular error."""
@@ -442,7 +447,8 @@ def score(cache, records):
     masked, unmasked = half_map_resolutions(*halves)
     stdout = (cache / stdout_name).read_text(errors="replace")
     rows["relion"] = {"angles": angles, "shifts": shifts, "masked": masked, "unmasked": unmasked,
-                      "truth_05": truth_resolution(combined, truth) if combined else float("nan"),
+                      "truth_05": (truth_resolution(combined, truth) if combined
+                                   else float(resolution_at(fsc(half_average(*halves), truth), 0.5, BOX, APIX))),
                       "iterations": series[-1]["iteration"] if series else 0,
                       "converged": "has converged" in stdout, "series": series, "record": record}
     bound_masked, bound_unmasked = half_map_resolutions(cache / "true_half1.mrc", cache / "true_half2.mrc")
@@ -652,7 +658,8 @@ the true map is the start for both programs (--ini_high 40). Commands (in the ca
     relion_reconstruct --i truth.star --o true_half1.mrc --ctf --subset 1   (and --subset 2; the bound)
 
 {relion_memory_note(rows['relion']['record'])} Scores are computed by the benchmark from the
-written files (mask: soft_sphere_mask(64, 30, 4); map vs truth unmasked).
+written files (mask: soft_sphere_mask(64, 30, 4); map vs truth unmasked; for a stopped RELION run, the
+mean of its last two half maps).
 
 {table(rows)}
 
