@@ -2,6 +2,7 @@
 background sampler thread (the scripts run as ``python benchmarks/bench_*.py``, so this
 folder is on their import path)."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,3 +46,14 @@ class BackgroundSampler:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def gnu_time(path):
+    """Wall, user, system seconds and peak RSS (MB) from a GNU time -v report."""
+    text = path.read_text() if path.is_file() else ""
+    figures = {}
+    for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"), ("sys_s", r"System time \(seconds\): ([\d.]+)"),
+                         ("rss_mb", r"Maximum resident set size \(kbytes\): (\d+)")):
+        found = re.search(pattern, text)
+        figures[key] = float(found.group(1)) / (1024 if key == "rss_mb" else 1) if found else float("nan")
+    return figures

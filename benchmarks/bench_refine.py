@@ -61,7 +61,7 @@ import pandas as pd
 import starfile
 from scipy.spatial.transform import Rotation
 
-from bench_common import BackgroundSampler, prime_executable, run_checked
+from bench_common import BackgroundSampler, gnu_time, prime_executable, run_checked
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler
 
@@ -189,17 +189,6 @@ class RunSampler(BackgroundSampler):
     @property
     def cpu_s(self):
         return sum(self.cpu_ticks.values()) / self.TICK
-
-
-def gnu_time(path):
-    """Wall, user, system seconds and peak RSS (MB) from a GNU time -v report."""
-    text = path.read_text() if path.is_file() else ""
-    figures = {}
-    for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"), ("sys_s", r"System time \(seconds\): ([\d.]+)"),
-                         ("rss_mb", r"Maximum resident set size \(kbytes\): (\d+)")):
-        found = re.search(pattern, text)
-        figures[key] = float(found.group(1)) / (1024 if key == "rss_mb" else 1) if found else float("nan")
-    return figures
 
 
 def timed_run(name, argv, shown, cache, limit_s=None):

@@ -88,7 +88,7 @@ import numpy as np
 import psutil
 import starfile
 
-from bench_common import BackgroundSampler, prime_executable, run_checked
+from bench_common import BackgroundSampler, gnu_time, prime_executable, run_checked
 from prime_plugin.core.directions import directions_for_count
 from prime_plugin.core.fourier import fsc
 from prime_plugin.core.geometry import euler_to_matrix
@@ -219,11 +219,6 @@ def workers_of(record):
             if p["role"] == "worker" or (p["role"] == "helper" and p["rss"] > 100)]
 
 
-def gnu_time_rss_mb(path):
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", path.read_text() if path.is_file() else "")
-    return int(found.group(1)) / 1024 if found else float("nan")
-
-
 def timed(name, argv, shown, cache, records, rerun):
     """Run argv in cache under GNU time with the tree sampler; store and return the record."""
     path = cache / f"record_{name}.json"
@@ -244,7 +239,7 @@ def timed(name, argv, shown, cache, records, rerun):
     wall = time.perf_counter() - begin
     if returncode != 0:
         sys.exit(f"{name} failed (exit {returncode}): see {cache / (name + '.stderr')}")
-    record = {"name": name, "command": shown, "wall_s": wall, "started": started, "gnu_time_rss_mb": gnu_time_rss_mb(time_file),
+    record = {"name": name, "command": shown, "wall_s": wall, "started": started, "gnu_time_rss_mb": gnu_time(time_file)["rss_mb"],
               "processes": roles(sampler.procs), "peak_total_mb": sampler.peak_total_mb,
               "load_before": load_before, "load_after": os.getloadavg()[0], "date": now()}
     print(f"    wall {wall:.1f} s, GNU time peak {record['gnu_time_rss_mb']:.0f} MB, sampled: "

@@ -4,14 +4,18 @@ Small matrix products and short FFT batches lose much of their time to the
 libraries' own thread start-up and synchronisation. Running the tiles on a pool of
 Python threads (numpy and scipy.fft release the GIL) with the BLAS limited to one
 thread keeps every core busy without that overhead. The pool has as many threads as
-numba is set to use (``--j``), so one setting governs the whole engine. Tiles started
-from inside a tile run serially in that tile's thread.
+numba is set to use (``--j``), so one setting governs the whole engine
+(:class:`thread_limit` applies it to numba and scipy.fft). Tiles started from inside a
+tile run serially in that tile's thread.
 """
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
+import scipy.fft
+
+from prime_plugin.core.errors import PrimeInputError
 
 _pools = {}
 _controller = []
@@ -45,3 +49,24 @@ def map_tiles(work, items):
         pool = _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prime-tile")
     with _blas_controller().limit(limits=1, user_api="blas"):
         return list(pool.map(lambda item: _run_marked(work, item), items))
+
+
+class thread_limit:
+    """Context: numba and scipy.fft use ``threads`` threads (all when None), restored on exit (``--j``)."""
+
+    def __init__(self, threads):
+        if threads is not None and threads < 1:
+            raise PrimeInputError(f"--j must be at least 1, got {threads}")
+        self.threads = None if threads is None else min(int(threads), numba.config.NUMBA_NUM_THREADS)
+
+    def __enter__(self):
+        self._numba_before = numba.get_num_threads()
+        self._scipy = scipy.fft.set_workers(self.threads or -1)
+        self._scipy.__enter__()
+        if self.threads is not None:
+            numba.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self._numba_before)
+        self._scipy.__exit__(*exc)

@@ -172,14 +172,6 @@ class Backprojector:
         """
         self.insert_into(sums.U, sums.rho, data, ctf2, rotations, image_of, weights)
 
-    def insert_per_thread(self, U, rho, data, ctf2, rotations, image_of=None, weights=None):
-        """As :meth:`insert`, into accumulators U (T, M, M, M // 2 + 1) complex64 and rho float32.
-
-        Kept for callers that hold per-thread grids: the insertion is race-free
-        without them, so everything goes into U[0] and rho[0] (T = 1 is enough).
-        """
-        self.insert_into(U[0], rho[0], data, ctf2, rotations, image_of, weights)
-
     def insert_into(self, U, rho, data, ctf2, rotations, image_of=None, weights=None):
         """As :meth:`insert`, into the grids U complex64 and rho float32, (M, M, M // 2 + 1), C-contiguous."""
         padded = int(round(self.padding * self.box))

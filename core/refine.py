@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from prime_plugin.core.execution import make_backend
+from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import PolarGrid
@@ -42,7 +43,7 @@ from prime_plugin.core.refine_state import RefineState, select_update_set
 from prime_plugin.core.refine_tasks import (InsertChunk, InsertionSettings, SearchChunk, SearchSettings, insert_chunk,
                                             search_chunk)
 from prime_plugin.core.search import PolarReferences
-from prime_plugin.core.star_reconstruction import _thread_limit, combined_fsc
+from prime_plugin.core.star_reconstruction import combined_fsc
 
 log = logging.getLogger("prime.refine")
 CHECKPOINTS = ".checkpoint"
@@ -117,7 +118,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
     setup = prepare(params)
     out = Path(params.output_dir)
-    with make_backend(params.scheduler, params.cluster) as backend, _thread_limit(params.threads), setup.images:
+    with make_backend(params.scheduler, params.cluster) as backend, thread_limit(params.threads), setup.images:
         if prepared is not None:
             prepared()
         for note in setup.notes:
@@ -232,7 +233,7 @@ def _insertion_settings(setup, backend):
 def _record(state, found):
     """Store a search task's ChunkOrientations into the state (every per-particle field has the same name in both)."""
     rows = found.rows
-    for name in found.PER_PARTICLE_FIELDS:
+    for name in found.per_particle_fields():
         getattr(state, name)[rows] = getattr(found, name)
     state.angles_deg[rows] = found.peak_angles_deg[:, 0]
 

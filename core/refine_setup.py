@@ -19,8 +19,7 @@ from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume
 from prime_plugin.core.polar import default_n_rot
 from prime_plugin.core.resample import resample_volume
-from prime_plugin.core.star import read_particles
-from prime_plugin.core.star_reconstruction import _common_pixel_size
+from prime_plugin.core.star import common_pixel_size, read_particles
 from prime_plugin.core.symmetry import symmetry_operators
 
 MIN_PARTICLES_PER_HALF = 10
@@ -59,7 +58,7 @@ def prepare(params):
     _check_numbers(params)
     symmetry_ops = symmetry_operators(params.symmetry)
     table = read_particles(params.particles, pixel_size_A=params.pixel_size_A)
-    apix = _common_pixel_size(table, params.pixel_size_A, params.particles)
+    apix = common_pixel_size(table, params.pixel_size_A, params.particles)
     images = ParticleImages(table)
     box = images.box
     half = _half_sets(table, params)

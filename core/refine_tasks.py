@@ -22,7 +22,7 @@ for the search), as everywhere in the refinement.
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import normalise_and_mask, particle_sections
 from prime_plugin.core.reconstruct import Backprojector, FourierSums
 from prime_plugin.core.search import search_particles
-from prime_plugin.core.star_reconstruction import _thread_limit
+from prime_plugin.core.pipelines import thread_limit
 
 SEARCH_RANDOM_STREAM = 3  # the chunks' generators: default_rng([seed, 3, iteration, chunk index])
 MASK_EDGE_PX = 4.0  # soft edge of the circular mask and margin of the background ring
@@ -135,11 +135,14 @@ class ChunkOrientations:
     peak_weights: np.ndarray
     peak_correlations: np.ndarray
 
-    # The fields copied one to one from a SearchResult and into the RefineState.
-    PER_PARTICLE_FIELDS = ("direction", "psi_index", "shift_px", "correlation", "fraction_visited", "peak_directions",
-                           "peak_psi", "peak_angles_deg", "peak_weights", "peak_correlations")
+    # The fields copied one to one from a SearchResult (the others are derived in store()).
     FROM_SEARCH_RESULT = ("direction", "psi_index", "shift_px", "correlation", "fraction_visited", "peak_directions",
                           "peak_psi", "peak_correlations")
+
+    @classmethod
+    def per_particle_fields(cls):
+        """Every field but ``rows``: each is a RefineState field of the same name, indexed by particle."""
+        return tuple(f.name for f in fields(cls) if f.name != "rows")
 
     @classmethod
     def empty(cls, rows, n_peaks):
@@ -218,4 +221,4 @@ def insert_particles(images, shift_px, ctf, peak_angles_deg, peak_weights, inser
 
 def _task_threads(threads):
     """numba and scipy.fft limited to ``threads`` during a task; None leaves the process's settings."""
-    return nullcontext() if threads is None else _thread_limit(threads)
+    return nullcontext() if threads is None else thread_limit(threads)

@@ -20,6 +20,7 @@ from prime_plugin.core.atomic_files import write_text_atomically
 from prime_plugin.core.errors import PrimeInputError
 
 STAR_VERSION_LINE = "# version 30001"
+PIXEL_SIZE_TOLERANCE = 1e-4  # relative: pixel sizes closer than this are the same
 
 # Per-particle columns of a RELION 3.0 file that RELION 3.1 keeps in the optics table.
 _OPTICS_COLUMNS_30 = ["rlnAmplitudeContrast", "rlnSphericalAberration", "rlnVoltage", "rlnBeamTiltX", "rlnBeamTiltY"]
@@ -339,3 +340,22 @@ def _format_value(value):
     if text == "" or any(ch.isspace() for ch in text):
         return '"' + text.replace('"', "'") + '"'
     return text
+
+
+def common_pixel_size(table, requested_A=None, path=None):
+    """The one pixel size (A) of all particles of ``table``; refuses mixed sizes and a contradicting request.
+
+    requested_A : a pixel size the user gave (``--angpix``), or None. path : the file named in errors.
+    """
+    sizes = np.unique(table.pixel_size_A)
+    if np.ptp(sizes) > PIXEL_SIZE_TOLERANCE * sizes.max():
+        listed = ", ".join(f"{s:g}" for s in sizes)
+        raise PrimeInputError(f"optics groups have different pixel sizes ({listed} A); reconstruct each "
+                              "pixel size separately (rescaling is not supported)", path)
+    apix = float(sizes[0])
+    if not apix > 0:
+        raise PrimeInputError(f"pixel size must be positive, got {apix:g} A", path)
+    if requested_A is not None and abs(requested_A - apix) > PIXEL_SIZE_TOLERANCE * apix:
+        raise PrimeInputError(f"--angpix {requested_A:g} A differs from the images' pixel size {apix:g} A "
+                              "(rescaling is not supported)", path)
+    return apix

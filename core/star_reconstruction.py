@@ -34,22 +34,20 @@ sizes are refused (rescaling them to a common grid is not done).
 
 from dataclasses import dataclass, fields
 
-import numba
 import numpy as np
-import scipy.fft
 
 from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.images import ParticleImages
+from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
-from prime_plugin.core.star import read_particles
+from prime_plugin.core.star import common_pixel_size, read_particles
 from prime_plugin.core.symmetry import symmetry_operators
 
 GOLD_STANDARD_THRESHOLD = 0.143
 CORNER_MASK_EDGE_PX = 3.0
-_PIXEL_SIZE_TOLERANCE = 1e-4  # relative
 
 
 @dataclass
@@ -126,11 +124,11 @@ def reconstruct_particles(star_path, *, ctf=False, symmetry="C1", subset=None, m
     angles_deg = table.angles_deg
     if angles_deg is None:
         raise PrimeInputError("no orientations: rlnAngleRot, rlnAngleTilt and rlnAnglePsi are needed", star_path)
-    apix = _common_pixel_size(table, pixel_size_A, star_path)
+    apix = common_pixel_size(table, pixel_size_A, star_path)
     ctf_params = CtfParams.from_star(table.particles_with_optics(), star_path) if ctf else None
     half_of = half_sets(table, star_path)
     images = ParticleImages(table)
-    with images, _thread_limit(threads):
+    with images, thread_limit(threads):
         box = images.box
         max_radius_px = None if max_resolution_A is None else _max_radius_px(max_resolution_A, box, apix)
         backprojector = Backprojector(box, max_radius_px=max_radius_px,
@@ -221,22 +219,6 @@ def combined_fsc(half_map_fsc):
     return 2.0 * f / (1.0 + f)
 
 
-def _common_pixel_size(table, requested_A, path):
-    """The one pixel size (A) of all particles; refuses mixed sizes and a contradicting request."""
-    sizes = np.unique(table.pixel_size_A)
-    if np.ptp(sizes) > _PIXEL_SIZE_TOLERANCE * sizes.max():
-        listed = ", ".join(f"{s:g}" for s in sizes)
-        raise PrimeInputError(f"optics groups have different pixel sizes ({listed} A); reconstruct each "
-                              "pixel size separately (rescaling is not supported)", path)
-    apix = float(sizes[0])
-    if not apix > 0:
-        raise PrimeInputError(f"pixel size must be positive, got {apix:g} A", path)
-    if requested_A is not None and abs(requested_A - apix) > _PIXEL_SIZE_TOLERANCE * apix:
-        raise PrimeInputError(f"--angpix {requested_A:g} A differs from the images' pixel size {apix:g} A "
-                              "(rescaling is not supported)", path)
-    return apix
-
-
 def _max_radius_px(max_resolution_A, box, apix):
     return min(box * apix / max_resolution_A, box / 2.0)
 
@@ -244,24 +226,3 @@ def _max_radius_px(max_resolution_A, box, apix):
 def _select(params, rows):
     """The CTF parameters of particles ``rows`` (per-particle CtfParams in, per-particle out)."""
     return CtfParams(**{f.name: getattr(params, f.name)[rows] for f in fields(params)})
-
-
-class _thread_limit:
-    """Context: numba and scipy.fft use ``threads`` threads (all when None), restored on exit."""
-
-    def __init__(self, threads):
-        if threads is not None and threads < 1:
-            raise PrimeInputError(f"--j must be at least 1, got {threads}")
-        self.threads = None if threads is None else min(int(threads), numba.config.NUMBA_NUM_THREADS)
-
-    def __enter__(self):
-        self._numba_before = numba.get_num_threads()
-        self._scipy = scipy.fft.set_workers(self.threads or -1)
-        self._scipy.__enter__()
-        if self.threads is not None:
-            numba.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc):
-        numba.set_num_threads(self._numba_before)
-        self._scipy.__exit__(*exc)

@@ -181,8 +181,8 @@ def test_reconstruct_volume_equals_the_plain_formula(box):
 
 def test_fft_workers_follow_the_thread_setting():
     from prime_plugin.core.fourier import fft_workers
-    from prime_plugin.core.star_reconstruction import _thread_limit
+    from prime_plugin.core.pipelines import thread_limit
 
-    with _thread_limit(1):
+    with thread_limit(1):
         assert fft_workers() == 1 == numba.get_num_threads()
         assert scipy.fft.get_workers() == 1

@@ -256,15 +256,11 @@ def test_validation_names_the_problem(project, imported, particles_without_ctf, 
     with mrcfile.new(gone) as mrc:
         mrc.set_data(np.ascontiguousarray(truth))
         mrc.voxel_size = PIXEL
-    volume = _import_volume(project, gone, PIXEL, "map deleted later")
-    os.remove(convert_path(volume.getFileName()))
-    assert "Missing files" in _validation_errors(project, good_particles, volume)
-
-
-def convert_path(name):
     from prime_plugin.convert import stack_path
 
-    return stack_path(name)
+    volume = _import_volume(project, gone, PIXEL, "map deleted later")
+    os.remove(stack_path(volume.getFileName()))
+    assert "Missing files" in _validation_errors(project, good_particles, volume)
 
 
 def test_engine_failure_fails_the_run_with_its_reason(project, imported, tmp_path):
@@ -272,6 +268,7 @@ def test_engine_failure_fails_the_run_with_its_reason(project, imported, tmp_pat
     engine's one-line reason as the protocol's error, never a hung run."""
     from pwem.protocols import ProtImportParticles
 
+    from prime_plugin.convert import stack_path
     from prime_plugin.protocols import ProtPrimeRefine3D
 
     particles, volume_import, _, _ = imported
@@ -286,7 +283,7 @@ def test_engine_failure_fails_the_run_with_its_reason(project, imported, tmp_pat
                                       copyFiles=False)
     project.launchProtocol(prot_import, wait=True)
     assert prot_import.isFinished(), prot_import.getErrorMessage()
-    stack = convert_path(prot_import.outputParticles.getFirstItem().getFileName())
+    stack = stack_path(prot_import.outputParticles.getFirstItem().getFileName())
     real = os.path.realpath(stack)
     with open(real, "r+b") as f:
         f.truncate(os.path.getsize(real) // 2)
