@@ -132,6 +132,19 @@ def best_in_plane(correlations):
     return index, np.take_along_axis(correlations, index[..., None], axis=-1)[..., 0]
 
 
+def paired_curves(reference_spectra, reference_powers, particle_spectra, particle_powers, particle_ctf2, n_rot):
+    """lambda over every in-plane angle for given (particle, reference) pairs, float64 (P, C, n_rot).
+
+    reference_spectra (P, C, K, Q) and reference_powers (P, C, K): C candidate references per
+    particle; particle_spectra (P, K, Q), particle_powers and particle_ctf2 (P, K).
+    """
+    cross = (reference_spectra * np.conj(particle_spectra)[:, None]).sum(axis=2)           # (P, C, Q)
+    lam = scipy.fft.irfft(cross, n=n_rot, axis=-1)
+    norms = np.sqrt(np.maximum((reference_powers * particle_ctf2[:, None]).sum(-1)
+                               * particle_powers.sum(-1)[:, None], 1e-30))
+    return lam / norms[..., None]
+
+
 def transform_work(n_rot, n_rings):
     """Per-pair real flops of both paths: matrix work over rings and the inverse transform.
 

@@ -1,4 +1,4 @@
-"""The engine's one exception for bad input.
+"""The engine's exceptions: bad input, and a run that cannot go on.
 
 Every check on user input (files, STAR columns, symmetry names, sizes) raises
 :class:`PrimeInputError` with a message that names the file (when there is one)
@@ -14,3 +14,7 @@ class PrimeInputError(ValueError):
         self.problem = str(problem)
         self.path = None if path is None else str(path)
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+
+class PrimeRunError(RuntimeError):
+    """A run that cannot go on for a reason outside the input (e.g. lost compute workers): one line."""

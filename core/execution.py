@@ -39,9 +39,12 @@ import os
 import time
 import uuid
 
-from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.errors import PrimeInputError, PrimeRunError
+
+log = logging.getLogger("prime.execution")
 
 TASK_RETRIES = 2  # times Dask runs a failed task again (a lost worker's tasks are re-run regardless)
+PASS_ATTEMPTS = 3  # times a pass is run when lost workers took data it cannot make again
 CONNECT_TIMEOUT_S = 30
 DASK_EXTRA_HINT = 'pip install "scipion-em-prime[dask]"'
 
@@ -207,7 +210,32 @@ class DaskBackend:
         The chunks go in waves of :meth:`wave_size` chunks; a wave's partial sums are added up
         (a tree per group, then into the group's running total) before the wave after next is
         submitted, so the partial sums held on the workers do not grow with the particle count.
+
+        A lost worker's tasks run again on the others. If it took with it data that cannot be
+        made again (the broadcast ``shared``, when Dask's memory manager had trimmed it to the
+        one copy on that worker), Dask cancels what depends on it; the whole pass then runs
+        again, up to PASS_ATTEMPTS times, with the same result (the chunks carry their seeds).
+        A task that kills its workers again and again (Dask's KilledWorker, e.g. out of
+        memory) ends the run with a one-line :class:`PrimeRunError`.
         """
+        from concurrent.futures import CancelledError
+
+        distributed = _import_distributed("--scheduler")
+        for attempt in range(1, PASS_ATTEMPTS + 1):
+            try:
+                return self._map_reduce_once(task, chunks, shared, groups,
+                                             name if attempt == 1 else f"{name}-attempt{attempt}")
+            except CancelledError as lost:
+                if attempt == PASS_ATTEMPTS:
+                    raise PrimeRunError(f"Dask workers died during {name} {PASS_ATTEMPTS} times over, each time "
+                                        f"with data the pass needs (often: too little memory per worker); "
+                                        f"the last time: {_one_line(lost)}") from None
+                log.warning(f"A Dask worker was lost with data {name} needs; the pass runs again.")
+            except distributed.KilledWorker as killed:
+                raise PrimeRunError(f"a task of {name} ended every Dask worker that ran it (often: too little "
+                                    f"memory per worker): {_one_line(killed)}") from None
+
+    def _map_reduce_once(self, task, chunks, shared, groups, name):
         client = self.client
         tag = f"{name}-{self._run}"
         shared_on_workers = client.scatter(shared, broadcast=True, hash=False)

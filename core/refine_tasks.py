@@ -61,7 +61,8 @@ class SearchSettings:
     the coarse subset searched first. trs_px, shift_step_px : origin search radius and grid
     step (px). n_peaks, sigma : orientations kept per particle and their softmax width.
     seed, iteration : with the chunk index, the seed of each chunk's generator.
-    insertion : InsertionSettings.
+    insertion : InsertionSettings. subgrid : (directions_deg, symmetry_ops, angular_step_deg) to
+    refine each best orientation between the grid points (:mod:`~prime_plugin.core.subgrid`), or None.
     """
 
     references: list
@@ -76,6 +77,7 @@ class SearchSettings:
     seed: int
     iteration: int
     insertion: InsertionSettings
+    subgrid: tuple = None
 
 
 @dataclass
@@ -160,6 +162,8 @@ class ChunkOrientations:
         self.peak_angles_deg[pick] = np.stack([directions_deg[known, 0], directions_deg[known, 1],
                                                result.peak_psi * psi_step_deg], axis=-1)
         self.peak_weights[pick] = np.where(found, result.peak_weights, 0.0)
+        if result.best_angles_deg is not None:  # the best orientation refined between the grid points
+            self.peak_angles_deg[pick, 0] = result.best_angles_deg
 
 
 def search_chunk(chunk, settings):
@@ -182,7 +186,8 @@ def search_chunk(chunk, settings):
             result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
                                       previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
                                       trs_px=settings.trs_px, shift_step_px=settings.shift_step_px,
-                                      neighbours=settings.neighbours, coarse=settings.coarse_directions)
+                                      neighbours=settings.neighbours, coarse=settings.coarse_directions,
+                                      subgrid=settings.subgrid)
             found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)
         del particles
         sums = insert_particles(normalised, found.shift_px, chunk.ctf, found.peak_angles_deg, found.peak_weights,

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, particle_operand,
+from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, paired_curves, particle_operand,
                                          reference_operand, ring_powers, ring_spectra)
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.pipelines import map_tiles
 from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
+from prime_plugin.core.subgrid import refine_best_orientations
 
 
 @dataclass
@@ -54,7 +55,8 @@ class SearchResult:
 
     direction (P,) index into the references; psi_index (P,); shift_px (P, 2) RELION origins;
     correlation (P,); peak_directions, peak_psi, peak_correlations, peak_weights (P, n_peaks)
-    (best first); fraction_visited (P,) of the directions.
+    (best first); fraction_visited (P,) of the directions; best_angles_deg (P, 3) (rot, tilt, psi)
+    the best orientation refined between the grid points (:mod:`subgrid`), or None.
     """
 
     direction: np.ndarray
@@ -66,6 +68,7 @@ class SearchResult:
     peak_correlations: np.ndarray
     peak_weights: np.ndarray
     fraction_visited: np.ndarray
+    best_angles_deg: np.ndarray = None
 
 
 def softmax_weights(correlations, sigma=0.005):
@@ -196,12 +199,10 @@ def local_ascent(references, neighbours, spectra, powers, ctf2, peaks, n_rot, ma
         if moving.size == 0:
             break
         candidates = neighbours[directions[moving, 0]]                                  # (p, k)
-        cross = (references.spectra[candidates] * np.conj(spectra[moving])[:, None]).sum(axis=2)
-        lam = scipy.fft.irfft(cross, n=n_rot, axis=-1)                                 # (p, k, n_rot)
-        norms = np.sqrt(np.maximum((references.powers[candidates] * ctf2[moving][:, None]).sum(-1)
-                                   * powers[moving].sum(-1)[:, None], 1e-30))
+        lam = paired_curves(references.spectra[candidates], references.powers[candidates], spectra[moving],
+                            powers[moving], ctf2[moving], n_rot)                          # (p, k, n_rot)
         best_psi = lam.argmax(-1)
-        best = np.take_along_axis(lam, best_psi[..., None], -1)[..., 0] / norms
+        best = np.take_along_axis(lam, best_psi[..., None], -1)[..., 0]
         pick = best.argmax(1)
         value = best[np.arange(len(moving)), pick]
         scored[moving] += candidates.shape[1]
@@ -215,7 +216,8 @@ def local_ascent(references, neighbours, spectra, powers, ctf2, peaks, n_rot, ma
 
 
 def search_particles(references, particles, grid, shifts_px, rng, previous=None, n_peaks=1, sigma=0.005,
-                     trs_px=None, shift_step_px=1.0, refine_shifts=True, neighbours=None, coarse=None):
+                     trs_px=None, shift_step_px=1.0, refine_shifts=True, neighbours=None, coarse=None,
+                     subgrid=None):
     """Search orientations (SHC from ``previous`` = (direction, psi) arrays, else exhaustive) and shifts.
 
     shifts_px : (P, 2) start origins. trs_px : shift search radius (px; None or 0: no shift search).
@@ -225,6 +227,9 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     polished by steepest ascent over neighbouring directions (:func:`local_ascent`).
     coarse : indices of a coarser subset of the directions; with it (and ``neighbours``) the
     exhaustive search scores only that subset, then climbs the full grid from its best.
+    subgrid : (directions_deg (D, 2), symmetry_ops (s, 3, 3), angular_step_deg); with it (and
+    ``neighbours``) the best orientation is also refined between the grid points
+    (:func:`subgrid.refine_best_orientations`), returned as ``best_angles_deg``.
     """
     shifts_px = np.asarray(shifts_px, np.float64).reshape(-1, 2)
     if previous is None:
@@ -254,5 +259,12 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
             if value >= values[i, 0]:
                 shifts[i], psi[i, 0], values[i, 0] = shift, m, value
     weights = softmax_weights(values, sigma)
+    best_angles = None
+    if subgrid is not None and neighbours is not None:
+        directions_deg, symmetry_ops, angular_step_deg = subgrid
+        spectra = particles.centred_spectra(grid, shifts)
+        best_angles, _ = refine_best_orientations(references, neighbours, directions_deg, symmetry_ops, spectra,
+                                                  particles.powers, particles.ctf2, directions[:, 0], grid.n_rot,
+                                                  angular_step_deg)
     return SearchResult(directions[:, 0], psi[:, 0], shifts, values[:, 0], directions, psi, values, weights,
-                        fraction)
+                        fraction, best_angles)

@@ -176,3 +176,50 @@ def test_partial_sums_are_added_pairwise_in_a_fixed_tree():
     assert pairwise_sum(["0"], add) == "0"
     assert pairwise_sum(list("01234"), add) == "(((0+1)+(2+3))+4)"
     assert pairwise_sum(list("0123456"), add) == "(((0+1)+(2+3))+((4+5)+6))"
+
+
+def test_a_pass_whose_broadcast_data_was_lost_runs_again(distributed, monkeypatch, caplog):
+    """When lost workers took data Dask cannot make again, Dask cancels the pass's futures: the backend
+    runs the pass again (once here) and returns what an undisturbed pass returns."""
+    from prime_plugin.core.execution import DaskBackend, InProcessBackend
+
+    def task(chunk, shared):
+        return chunk * shared, np.full(4, float(chunk))
+
+    chunks, groups = list(range(7)), [1, 1, 1, 2, 2, 2, 2]
+    expected = InProcessBackend().map_reduce(task, chunks, 10, groups)
+    with DaskBackend.start_local(1) as backend:
+        real = backend._map_reduce_once
+        calls = []
+
+        def lose_the_first_pass(*args):
+            calls.append(args[-1])
+            if len(calls) == 1:
+                raise distributed.client.FutureCancelledError("x-output00001", reason="already forgotten")
+            return real(*args)
+
+        monkeypatch.setattr(backend, "_map_reduce_once", lose_the_first_pass)
+        with caplog.at_level("WARNING", logger="prime.execution"):
+            outputs, totals = backend.map_reduce(task, chunks, 10, groups, name="pass")
+    assert calls == ["pass", "pass-attempt2"]
+    assert "the pass runs again" in caplog.text
+    assert outputs == expected[0]
+    assert totals.keys() == expected[1].keys()
+    for group in totals:
+        np.testing.assert_array_equal(totals[group], expected[1][group])
+
+
+def test_a_task_that_kills_every_worker_ends_the_run_in_one_line(distributed):
+    from prime_plugin.core.errors import PrimeRunError
+    from prime_plugin.core.execution import DaskBackend
+
+    def deadly(chunk, shared):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with DaskBackend.start_local(1) as backend:
+        with pytest.raises(PrimeRunError) as raised:
+            backend.map_reduce(deadly, [0], None, [1], name="prime-search-it001")
+    message = str(raised.value)
+    assert "\n" not in message
+    # With one worker the broadcast data dies with it: every attempt of the pass is cancelled.
+    assert "prime-search-it001" in message and "memory per worker" in message

@@ -2,14 +2,15 @@
 
 Every subcommand module has a docstring (its help text), ``add_args(parser)`` and
 ``main(args) -> int``. Bad input (:class:`PrimeInputError`) or an unwritable
-output becomes one line on stderr and exit status 2, never a traceback.
+output becomes one line on stderr and exit status 2, a run that cannot go on
+(:class:`PrimeRunError`) one line and status 1, never a traceback.
 """
 
 import argparse
 import sys
 
 from prime_plugin.cli import benchmark, check, convert_star, demo, reconstruct, refine, simulate, symmetry
-from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.errors import PrimeInputError, PrimeRunError
 from prime_plugin.version import __version__
 
 COMMANDS = [demo, refine, check, convert_star, symmetry, simulate, reconstruct, benchmark]
@@ -47,6 +48,9 @@ def main(argv=None):
     except PrimeInputError as error:
         print(f"prime {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except PrimeRunError as error:
+        print(f"prime {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"prime {args.command}: error: {error.strerror or error}: {error.filename}", file=sys.stderr)
         return 2
