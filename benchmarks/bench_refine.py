@@ -15,6 +15,8 @@ Runs (in the cache folder, each wrapped in GNU time -v; wall time is the whole c
 
     prime refine --i input.star --ref start.mrc --o prime_frac0.1 --particle_diameter 300 --update_frac 0.1 --j 2
     prime refine --i input.star --ref start.mrc --o prime_frac1.0 --particle_diameter 300 --update_frac 1.0 --max_iter 15 --j 2
+    prime refine --i input.star --ref start.mrc --o prime_frac0.1_grid --particle_diameter 300 --update_frac 0.1 --no_subgrid --j 2
+        (orientations left on the search grid: what the sub-grid refinement gains)
     mpirun --allow-run-as-root --oversubscribe -np 3 relion_refine_mpi --auto_refine ... --o Refine3D/run --sym C1
         (RELION_ARGS: the issue's command; --oversubscribe because Open MPI refuses 3 ranks on 2 cores)
     relion_reconstruct --i truth.star --o true_half{1,2}.mrc --ctf --subset {1,2}   (the bound: true poses)
@@ -37,7 +39,7 @@ half maps, and their ratio (batch / fractional).
     python benchmarks/bench_refine.py --cache /tmp/bench_refine [--rerun NAME ...] [--relion_limit_min 60]
 
 Runs whose timing record exists in the cache are not run again (unless named by --rerun:
-prime_frac0.1, prime_frac1.0, relion, bound). Prints the table and writes (or replaces) this
+prime_frac0.1, prime_frac1.0, prime_frac0.1_grid, relion, bound). Prints the table and writes (or replaces) this
 benchmark's section of benchmarks/RESULTS.md; the convergence figure goes to
 CACHE/refine_convergence.png.
 """
@@ -79,6 +81,8 @@ PRIME_RUNS = {
                       "--particle_diameter", "300", "--update_frac", "0.1", "--j", "2"],
     "prime_frac1.0": ["refine", "--i", "input.star", "--ref", "start.mrc", "--o", "prime_frac1.0",
                       "--particle_diameter", "300", "--update_frac", "1.0", "--max_iter", "15", "--j", "2"],
+    "prime_frac0.1_grid": ["refine", "--i", "input.star", "--ref", "start.mrc", "--o", "prime_frac0.1_grid",
+                           "--particle_diameter", "300", "--update_frac", "0.1", "--no_subgrid", "--j", "2"],
 }
 RELION_ARGS = ["--auto_refine", "--split_random_halves", "--ctf", "--firstiter_cc", "--ini_high", "40",
                "--particle_diameter", "300", "--healpix_order", "2", "--auto_local_healpix_order", "4",
@@ -337,31 +341,41 @@ def prime_series(cache, name, record):
 
 
 def relion_series(cache, record):
-    """Per RELION iteration: elapsed s (modification time of run_itNNN_data.star), masked resolution of
-    run_itNNN_half1/2_class001.mrc, median angular error. Iteration 1 is left out: RELION 3.1 writes
-    practically identical half maps there (FSC > 0.96 to Nyquist), so its FSC says nothing.
+    """Per RELION iteration: elapsed s, masked resolution of run_itNNN_half1/2_class001.mrc, median angular
+    error and the files' stem. Iteration 1 is left out: RELION 3.1 writes practically identical half maps
+    there (FSC > 0.96 to Nyquist), so its FSC says nothing.
 
-    A run continued with ``--continue run_itK_optimiser.star --o Refine3D/run_ctK`` (see
-    :func:`relion_continuation`) adds its iterations, timed as the first run's time to iteration K
-    plus the continuation's own elapsed time."""
+    The run may be a chain of segments (:func:`relion_segments`): each continuation adds the
+    iterations after the one it continued from, up to the one the next continuation starts from."""
     series = []
     folder = cache / "Refine3D"
-    continued = relion_continuation(cache)
-    for data in sorted(folder.glob("run_it[0-9][0-9][0-9]_data.star")):
-        iteration = int(data.name[6:9])
-        if continued and iteration > continued["from_iteration"]:
-            continue
-        series.append(_relion_point(cache, data, folder / f"run_it{iteration:03d}", iteration,
-                                    data.stat().st_mtime - record["started"]))
-    if continued:
-        prefix = continued["prefix"]
+    segments = relion_segments(cache, record)
+    for index, segment in enumerate(segments):
+        prefix, last = segment["prefix"], None
+        if index + 1 < len(segments):
+            last = segments[index + 1]["from_iteration"]
+        offset = 0.0
+        if index:
+            previous = [p for p in series if p["iteration"] == segment["from_iteration"]]
+            if not previous:
+                raise SystemExit(f"{prefix} continues from iteration {segment['from_iteration']}, which the "
+                                 f"segment before did not finish")
+            offset = previous[0]["elapsed_s"]
         for data in sorted(folder.glob(f"{prefix}_it[0-9][0-9][0-9]_data.star")):
             iteration = int(data.name[len(prefix) + 3:len(prefix) + 6])
-            if iteration <= continued["from_iteration"]:  # RELION rewrites the iteration it continues from
-                continue
-            elapsed = continued["first_part_s"] + data.stat().st_mtime - continued["record"]["started"]
-            series.append(_relion_point(cache, data, folder / f"{prefix}_it{iteration:03d}", iteration, elapsed))
-    return [point for point in series if point is not None]
+            if iteration <= segment["from_iteration"] or (last is not None and iteration > last):
+                continue  # RELION rewrites the iteration it continues from; later ones belong to the next segment
+            elapsed = offset + segment_seconds(segment, data.stat().st_mtime)
+            point = _relion_point(cache, data, folder / f"{prefix}_it{iteration:03d}", iteration, elapsed)
+            if point is not None:
+                series.append(point)
+    return series
+
+
+def segment_seconds(segment, moment):
+    """Seconds the segment ran from its start to ``moment`` (epoch s), its pauses left out."""
+    paused = sum(max(0.0, min(end, moment) - begin) for begin, end in segment["pauses"] if begin < moment)
+    return moment - segment["started"] - paused
 
 
 def _relion_point(cache, data, stem, iteration, elapsed_s):
@@ -371,26 +385,31 @@ def _relion_point(cache, data, stem, iteration, elapsed_s):
     masked, _ = half_map_resolutions(half1, half2)
     angles, _ = pose_errors(cache / "truth.star", data)
     return {"iteration": iteration, "elapsed_s": elapsed_s, "resolution_A": masked,
-            "median_error_deg": float(np.median(angles))}
+            "median_error_deg": float(np.median(angles)), "stem": str(stem)}
 
 
-def relion_continuation(cache):
-    """The continuation of a RELION run stopped at the time limit, if one was made, else None.
+def relion_segments(cache, record):
+    """RELION's run as a chain of segments: the first command, then its continuations, if any.
 
-    It is recorded in timing_relion_continued.json (a timed_run record plus ``from_iteration`` K)
-    and ran ``relion_refine_mpi --continue Refine3D/run_itK_optimiser.star --o Refine3D/run_ctK``
-    (the same MPI layout, --dont_combine_weights_via_disc --pool 30 --j 1). The whole run's wall
-    time is then the first run's time to its iteration K plus the continuation's wall time; the
-    first run's work on iteration K + 1, stopped unfinished, is not counted.
+    A run stopped before it converged is continued by hand with ``mpirun ... relion_refine_mpi
+    --continue Refine3D/PREFIX_itK_optimiser.star --o Refine3D/run_ctK --dont_combine_weights_via_disc
+    --pool 30 --j 1`` (the same MPI layout), from the last complete iteration K of the segment
+    before; the continuations are listed in order in CACHE/relion_continuations.json, each a
+    timed record with ``from_iteration`` K, ``started`` (epoch s), ``wall_s`` (its own running
+    time, pauses left out), ``stopped``, the load figures, ``note`` and ``pauses``: the [begin,
+    end] epoch seconds during which its processes were suspended (SIGSTOP / SIGCONT, to free the
+    machine for other measurements). A segment's iteration is timed as the time to the iteration
+    it continued from, plus its own running time to the iteration's files; the work of a segment
+    after the iteration the next one continues from is not counted.
     """
-    path = cache / "timing_relion_continued.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    first = json.loads((cache / "timing_relion.json").read_text())
-    k = int(record["from_iteration"])
-    first_part = (cache / "Refine3D" / f"run_it{k:03d}_data.star").stat().st_mtime - first["started"]
-    return {"record": record, "from_iteration": k, "prefix": f"run_ct{k}", "first_part_s": first_part}
+    segments = [{"prefix": "run", "from_iteration": 0, "started": record["started"], "pauses": [],
+                 "record": record}]
+    path = cache / "relion_continuations.json"
+    for continuation in (json.loads(path.read_text()) if path.is_file() else []):
+        k = int(continuation["from_iteration"])
+        segments.append({"prefix": f"run_ct{k}", "from_iteration": k, "started": continuation["started"],
+                         "pauses": continuation.get("pauses", []), "record": continuation})
+    return segments
 
 
 def score(cache, records):
@@ -410,26 +429,27 @@ def score(cache, records):
     record = records["relion"]
     series = relion_series(cache, record)
     final = cache / "Refine3D"
-    continued = relion_continuation(cache)
-    prefix, stdout_name = "run", "relion.stdout"
-    if continued:  # the whole run: the first part to iteration K, then the continuation
-        prefix, stdout_name = continued["prefix"], "relion_continued.stdout"
-        second = continued["record"]
-        # CPU, memory and load: the continuation's (the first part's were lost when it was stopped).
-        record = dict(record, wall_s=continued["first_part_s"] + second["wall_s"], stopped=second["stopped"],
-                      continued=True, first_part_s=continued["first_part_s"], second_part=second,
-                      user_s=second["user_s"], sys_s=second["sys_s"], rss_mb=second["rss_mb"],
-                      load_mean=second["load_mean"], load_max=second["load_max"],
-                      command=record["command"] + f"  (then: {second['command']})")
-        if record["stopped"] and series:  # compared at its last complete iteration, so timed to it
+    segments = relion_segments(cache, record)
+    last_segment = segments[-1]
+    prefix = last_segment["prefix"]
+    stdout_name = "relion.stdout" if len(segments) == 1 else f"relion_ct{last_segment['from_iteration']}.stdout"
+    if len(segments) > 1:  # the whole chain; CPU, memory and load: the last segment's
+        last = last_segment["record"]
+        record = dict(record, stopped=last["stopped"], continued=True, segments=[x["record"] for x in segments[1:]],
+                      user_s=last.get("user_s", float("nan")), sys_s=last.get("sys_s", float("nan")),
+                      rss_mb=last.get("rss_mb", float("nan")), load_mean=last["load_mean"],
+                      load_max=last["load_max"],
+                      command=record["command"] + "".join(f"  (then: {x['record']['command']})" for x in segments[1:]))
+        if last["stopped"]:  # compared at its last complete iteration, so timed to it
             record["wall_s"] = series[-1]["elapsed_s"]
+        else:  # finished: the time to the iteration it continued from plus its own running time
+            reached = {point["iteration"]: point["elapsed_s"] for point in series}
+            record["wall_s"] = reached[last_segment["from_iteration"]] + last["wall_s"]
     if (final / f"{prefix}_half1_class001_unfil.mrc").is_file():
         halves = [final / f"{prefix}_half{h}_class001_unfil.mrc" for h in (1, 2)]
         data, combined = final / f"{prefix}_data.star", final / f"{prefix}_class001.mrc"
     else:  # stopped: the last complete iteration
-        last = series[-1]["iteration"]
-        stem = final / (f"{prefix}_it{last:03d}" if continued and last > continued["from_iteration"]
-                        else f"run_it{last:03d}")
+        stem = series[-1]["stem"]
         halves = [Path(f"{stem}_half{h}_class001.mrc") for h in (1, 2)]
         data, combined = Path(f"{stem}_data.star"), None
     angles, shifts = pose_errors(cache / "truth.star", data)
@@ -481,6 +501,7 @@ def matching_relion(rows):
 # ---------------------------------------------------------------- report
 
 LABELS = {"prime_frac0.1": "prime --update_frac 0.1", "prime_frac1.0": "prime --update_frac 1.0 --max_iter 15",
+          "prime_frac0.1_grid": "prime --update_frac 0.1 --no_subgrid",
           "relion": f"RELION 3.1 auto-refine (MPI -np {RELION_RANKS})"}
 
 
@@ -611,14 +632,19 @@ def relion_timeline(relion):
     record = relion["record"]
     if not record.get("continued"):
         return ""
-    second = record["second_part"]
-    return (f"RELION's run in two parts: the first command reached iteration {second['from_iteration']} after "
-            f"{record['first_part_s']:.0f} s (its files' times) and was stopped at the 60 min limit during the next "
-            f"iteration; `{second['command']}` then went on from that iteration for {second['wall_s']:.0f} s "
-            f"(1-minute load {second['load_mean']:.1f} mean / {second['load_max']:.1f} max: the machine was shared) "
-            f"until it was stopped: {second.get('note', '')}. Its wall time above is the time to its last complete "
-            f"iteration ({relion['iterations']}: the first part plus the continuation's time to it), whose scores "
-            f"are the ones given.")
+    times = {p["iteration"]: p["elapsed_s"] for p in relion["series"]}
+    parts = [f"RELION's run in {len(record['segments']) + 1} segments (see relion_segments in the script): the first "
+             f"command was stopped at the 60 min limit"]
+    for segment in record["segments"]:
+        k = segment["from_iteration"]
+        paused = sum(end - begin for begin, end in segment.get("pauses", []))
+        parts.append(f"`{segment['command']}` went on from iteration {k} (reached at {times.get(k, float('nan')):.0f} s)"
+                     f" and ran {segment['wall_s']:.0f} s" + (f" (plus {paused:.0f} s suspended, not counted)"
+                                                              if paused else "")
+                     + f", 1-minute load {segment['load_mean']:.1f} mean / {segment['load_max']:.1f} max"
+                     + (f": {segment['note']}" if segment.get("note") else ""))
+    return ("; then ".join(parts) + f". Its wall time above is the time to its last complete iteration "
+            f"({relion['iterations']}), whose scores are the ones given." if record["stopped"] else ".")
 
 
 def relion_memory_note(record):
@@ -669,7 +695,7 @@ Goals (prime --update_frac 0.1 against RELION):
 {goals(rows, inc, match)}
 
 Figure (not committed): {cache / 'refine_convergence.png'}, resolution and median angular error against
-wall time for the three runs.
+wall time for every run.
 """
 
 
