@@ -518,7 +518,7 @@ def table(rows):
         r = rows[name]
         rec = r["record"]
         if name == "relion":
-            note = "converged" if r["converged"] else ("stopped at the time limit" if rec["stopped"] else "not converged")
+            note = "converged" if r["converged"] else ("stopped before it converged" if rec["stopped"] else "not converged")
         else:
             note = f"converged at {r['converged']}" if r["converged"] else "max_iter reached"
         sampled = " (sampled)" if rec.get("figures_sampled") else ""
@@ -578,7 +578,7 @@ def goals(rows, inc, match):
         f"<= {their_wall / 10:.0f} s, {'met' if wall <= their_wall / 10 else f'missed by {wall / (their_wall / 10):.1f}x'}).",
     ]
     if theirs["record"]["stopped"]:
-        lines.append(f"- RELION was stopped at the time limit after {theirs['iterations']} complete iterations: its wall "
+        lines.append(f"- RELION was stopped before it converged, after {theirs['iterations']} complete iterations: its wall "
                      f"time is a lower bound and its accuracy that of its last complete iteration, not its final one.")
     if match:
         lines.append(f"- The first iteration of prime --update_frac 0.1 at least as good as RELION's final result on "
