@@ -190,8 +190,7 @@ def _iterate(state, setup, params, maps, backend):
     settings = SearchSettings(references, grid, setup.directions_deg, setup.neighbours, setup.coarse_directions,
                               setup.trs_px, setup.shift_step_px, params.n_peaks, params.sigma, params.seed,
                               state.iteration, _insertion_settings(setup, backend),
-                              (setup.directions_deg, setup.symmetry_ops, setup.angular_step_deg) if params.subgrid
-                              else None)
+                              (setup.symmetry_ops, setup.angular_step_deg) if params.subgrid else None)
     chunks = [SearchChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
                           state.direction[part], state.psi_index[part])
               for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size))]

@@ -61,8 +61,8 @@ class SearchSettings:
     the coarse subset searched first. trs_px, shift_step_px : origin search radius and grid
     step (px). n_peaks, sigma : orientations kept per particle and their softmax width.
     seed, iteration : with the chunk index, the seed of each chunk's generator.
-    insertion : InsertionSettings. subgrid : (directions_deg, symmetry_ops, angular_step_deg) to
-    refine each best orientation between the grid points (:mod:`~prime_plugin.core.subgrid`), or None.
+    insertion : InsertionSettings. subgrid : (symmetry_ops, angular_step_deg) to refine each best
+    orientation between the grid points (:mod:`~prime_plugin.core.subgrid`), or None.
     """
 
     references: list

@@ -227,7 +227,7 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     polished by steepest ascent over neighbouring directions (:func:`local_ascent`).
     coarse : indices of a coarser subset of the directions; with it (and ``neighbours``) the
     exhaustive search scores only that subset, then climbs the full grid from its best.
-    subgrid : (directions_deg (D, 2), symmetry_ops (s, 3, 3), angular_step_deg); with it (and
+    subgrid : (symmetry_ops (s, 3, 3), angular_step_deg of the direction grid); with it (and
     ``neighbours``) the best orientation is also refined between the grid points
     (:func:`subgrid.refine_best_orientations`), returned as ``best_angles_deg``.
     """
@@ -261,10 +261,9 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     weights = softmax_weights(values, sigma)
     best_angles = None
     if subgrid is not None and neighbours is not None:
-        directions_deg, symmetry_ops, angular_step_deg = subgrid
+        symmetry_ops, angular_step_deg = subgrid
         spectra = particles.centred_spectra(grid, shifts)
-        best_angles, _ = refine_best_orientations(references, neighbours, directions_deg, symmetry_ops, spectra,
-                                                  particles.powers, particles.ctf2, directions[:, 0], grid.n_rot,
-                                                  angular_step_deg)
+        best_angles = refine_best_orientations(references, neighbours, symmetry_ops, spectra, particles.powers,
+                                               particles.ctf2, directions[:, 0], grid.n_rot, angular_step_deg)
     return SearchResult(directions[:, 0], psi[:, 0], shifts, values[:, 0], directions, psi, values, weights,
                         fraction, best_angles)

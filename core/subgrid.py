@@ -71,16 +71,16 @@ def nearest_mates(rotations, centre, symmetry_ops):
     return np.take_along_axis(mates, pick[..., None, None, None], axis=2)[:, :, 0]
 
 
-def refine_best_orientations(references, neighbours, directions_deg, symmetry_ops, spectra, powers, ctf2,
-                             best_direction, n_rot, angular_step_deg):
+def refine_best_orientations(references, neighbours, symmetry_ops, spectra, powers, ctf2, best_direction, n_rot,
+                             angular_step_deg):
     """Sub-grid orientations of the particles' best grid directions (module docstring).
 
-    references : PolarReferences (D directions); neighbours : int64 (D, k); directions_deg :
-    (D, 2) (rot, tilt); symmetry_ops : (s, 3, 3). spectra (P, K, Q), powers and ctf2 (P, K): the
+    references : PolarReferences (D directions); neighbours : int64 (D, k); symmetry_ops :
+    (s, 3, 3). spectra (P, K, Q), powers and ctf2 (P, K): the
     particles at their final origins. best_direction : int64 (P,) grid index of each particle's
     best direction. angular_step_deg : the direction grid's step (bounds the move).
-    Returns angles_deg (P, 3) (rot, tilt, psi) and accepted bool (P,) (False: the best grid
-    orientation is kept). The correlations are left as the grid's: they weight the peaks.
+    Returns angles_deg (P, 3) (rot, tilt, psi): the fitted peak, or the best grid orientation where
+    the fit is not trusted. The correlations are left as the grid's: they weight the peaks.
     """
     psi_step = 360.0 / n_rot
     candidates = np.concatenate([best_direction[:, None], neighbours[best_direction]], axis=1)   # (P, C)
@@ -90,7 +90,7 @@ def refine_best_orientations(references, neighbours, directions_deg, symmetry_op
     psi_samples = (best_psi[..., None] + np.array([-1, 0, 1])) % n_rot                            # (P, C, 3)
     values = np.take_along_axis(curves, psi_samples, -1)                                         # (P, C, 3)
 
-    rot, tilt = directions_deg[candidates, 0], directions_deg[candidates, 1]
+    rot, tilt = references.directions_deg[candidates, 0], references.directions_deg[candidates, 1]
     at_best_psi = nearest_mates(euler_to_matrix(rot, tilt, best_psi * psi_step).reshape(*rot.shape, 3, 3),
                                 euler_to_matrix(rot[:, 0], tilt[:, 0], best_psi[:, 0] * psi_step), symmetry_ops)
     centre = at_best_psi[:, 0]
@@ -101,6 +101,6 @@ def refine_best_orientations(references, neighbours, directions_deg, symmetry_op
     w = Rotation.from_matrix(relative.reshape(-1, 3, 3)).as_rotvec().reshape(*values.shape, 3)
     step = np.radians(angular_step_deg)
     flat_w, flat_v = w.reshape(len(w), -1, 3) / step, values.reshape(len(values), -1)
-    peak, _, accepted = quadratic_peaks(flat_w, flat_v, radius=1.0)
+    peak, _, _ = quadratic_peaks(flat_w, flat_v, radius=1.0)  # peak 0 where the fit is not accepted
     moved = Rotation.from_rotvec(peak * step).as_matrix() @ centre
-    return np.stack(matrix_to_euler(moved), axis=-1), accepted
+    return np.stack(matrix_to_euler(moved), axis=-1)
