@@ -18,6 +18,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mrcfile
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,13 @@ def shared_data():
     if not folder.is_dir():
         _missing(f"shared test data not found at {folder} (set PRIME_SHARED_DATA)", bool(os.environ.get("CI")))
     return folder
+
+
+@pytest.fixture(scope="session")
+def ribosome(shared_data):
+    """The shared 70S ribosome map cropped to 64^3 (5 A/px), float32 (z, y, x)."""
+    volume = mrcfile.read(shared_data / "ribosome70S_65px.mrc").astype(np.float32)
+    return np.ascontiguousarray(volume[:64, :64, :64])
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pandas as pd
 import starfile
 from scipy.spatial.transform import Rotation
 
+from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.geometry import matrix_to_euler
 
 
@@ -32,6 +33,11 @@ class RelionDataset:
         rng = np.random.default_rng(seed)
         return (self.clean + sigma * rng.standard_normal(self.clean.shape)).astype(np.float32)
 
+    def ctf(self):
+        """CtfParams of the images: their defocus, at the optics of write_projection_star (300 kV, Cs 2.7 mm, 0.1)."""
+        n = len(self.defocus)
+        return CtfParams(*self.defocus.T, np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1))
+
 
 def random_poses(n, seed, max_shift_px):
     """Uniform random orientations (n, 3) deg and origins (n, 2) px uniform in a disc."""
@@ -40,6 +46,13 @@ def random_poses(n, seed, max_shift_px):
     radius = max_shift_px * np.sqrt(rng.uniform(0, 1, n))
     direction = rng.uniform(0, 2 * np.pi, n)
     return angles, np.column_stack([radius * np.cos(direction), radius * np.sin(direction)])
+
+
+def astigmatic_defocus(n, seed):
+    """(n, 3) (U, V, angle): U uniform in 1-3 um (in A), V = U x 0.9-1.0, angle uniform in 0-180 deg."""
+    rng = np.random.default_rng(seed)
+    defocus_u = rng.uniform(10000, 30000, n)
+    return np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, n), rng.uniform(0, 180, n)])
 
 
 def write_projection_star(path, angles_deg, origins_px, defocus, box, pixel_size_A):
@@ -115,11 +128,8 @@ def refinement_data(relion, shared_data, folder, n_particles, snr, seed, box=64,
     """
     volume = np.ascontiguousarray(mrcfile.read(shared_data / "ribosome70S_65px.mrc")[:box, :box, :box])
     angles, origins = random_poses(n_particles, seed=seed, max_shift_px=4.0)
-    rng = np.random.default_rng(seed + 1)
-    defocus_u = rng.uniform(10000, 30000, n_particles)
-    defocus = np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, n_particles),
-                               rng.uniform(0, 180, n_particles)])
-    data = relion_projections(relion, folder, volume, pixel_size_A, angles, origins, defocus)
+    data = relion_projections(relion, folder, volume, pixel_size_A, angles, origins,
+                              astigmatic_defocus(n_particles, seed + 1))
     noisy = data.noisy(snr, seed=seed + 2)
     write_particle_stack(folder, noisy, data, with_angles=False, name="input")
     write_particle_stack(folder, noisy, data, with_angles=True, name="truth")

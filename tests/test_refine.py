@@ -21,7 +21,7 @@ import starfile
 from prime_plugin.core.fourier import fsc, resolution_at
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.refine import RefineParameters, refine
-from relion_datasets import random_poses, relion_projections, write_particle_stack
+from relion_datasets import astigmatic_defocus, random_poses, relion_projections, write_particle_stack
 
 BOX, PIXEL, N_PARTICLES = 64, 5.0, 800
 
@@ -44,11 +44,7 @@ def dataset(shared_data, tmp_path_factory, relion):
     folder = tmp_path_factory.mktemp("refine_data")
     volume = np.ascontiguousarray(mrcfile.read(shared_data / "ribosome70S_65px.mrc")[:BOX, :BOX, :BOX])
     angles, origins = random_poses(N_PARTICLES, seed=21, max_shift_px=4.0)
-    rng = np.random.default_rng(22)
-    defocus_u = rng.uniform(10000, 30000, N_PARTICLES)
-    defocus = np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, N_PARTICLES),
-                               rng.uniform(0, 180, N_PARTICLES)])
-    data = relion_projections(relion, folder, volume, PIXEL, angles, origins, defocus)
+    data = relion_projections(relion, folder, volume, PIXEL, angles, origins, astigmatic_defocus(N_PARTICLES, 22))
     noisy = data.noisy(0.1, seed=23)
     write_particle_stack(folder, noisy, data, with_angles=False, name="input")
     write_particle_stack(folder, noisy, data, with_angles=True, name="truth")

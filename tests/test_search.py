@@ -1,21 +1,19 @@
 """The polar search engine: brute-force correlation, the Friedel path, the shift gradient,
 and recovery of known orientations from relion_project images."""
 
-import mrcfile
 import numpy as np
 import pytest
 import scipy.optimize
 
 from prime_plugin.core.correlate import (best_rotations, normalisers, ring_powers, ring_spectra,
                                          rotational_correlations, rotational_correlations_complex, transform_work)
-from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.directions import asymmetric_unit_directions
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import PolarGrid, default_n_rot, normalise_and_mask, particle_sections
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.search import PolarReferences, search_particles, softmax_weights
 from prime_plugin.core.shifts import refine_shift, rotated_half_rings, shift_objective
-from relion_datasets import random_poses, relion_projections
+from relion_datasets import astigmatic_defocus, random_poses, relion_projections
 
 
 def random_sections(rng, n, rings, n_half):
@@ -105,12 +103,6 @@ def angular_errors(true_angles, found_matrices):
 
 
 @pytest.fixture(scope="module")
-def ribosome(shared_data):
-    volume = mrcfile.read(shared_data / "ribosome70S_65px.mrc").astype(np.float32)
-    return np.ascontiguousarray(volume[:BOX, :BOX, :BOX])
-
-
-@pytest.fixture(scope="module")
 def engine(ribosome):
     directions, step = asymmetric_unit_directions("C1", 5.0)
     grid = PolarGrid(BOX, 2, 28, default_n_rot(MASK))
@@ -145,12 +137,9 @@ def test_noise_free_exhaustive_search_recovers_orientations_and_shifts(relion_cl
 def relion_noisy(ribosome, tmp_path_factory, relion):
     """200 relion_project images with astigmatic CTFs (1-3 um), shifts up to 4 px, SNR 0.1."""
     angles, origins = random_poses(200, seed=12, max_shift_px=4.0)
-    rng = np.random.default_rng(5)
-    defocus_u = rng.uniform(10000, 30000, 200)
-    defocus = np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, 200), rng.uniform(0, 180, 200)])
-    data = relion_projections(relion, tmp_path_factory.mktemp("noisy"), ribosome, PIXEL, angles, origins, defocus)
-    ctf = CtfParams(*data.defocus.T, np.full(200, 300.0), np.full(200, 2.7), np.full(200, 0.1))
-    return data, data.noisy(0.1, seed=3), ctf
+    data = relion_projections(relion, tmp_path_factory.mktemp("noisy"), ribosome, PIXEL, angles, origins,
+                              astigmatic_defocus(200, seed=5))
+    return data, data.noisy(0.1, seed=3), data.ctf()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.directions import asymmetric_unit_directions, direction_neighbours
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import PolarGrid, default_n_rot, normalise_and_mask, particle_sections
@@ -19,7 +18,7 @@ from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.search import PolarReferences, search_particles
 from prime_plugin.core.subgrid import nearest_mates, quadratic_peaks
 from prime_plugin.core.symmetry import symmetry_operators
-from relion_datasets import random_poses, relion_projections
+from relion_datasets import astigmatic_defocus, random_poses, relion_projections
 
 BOX, PIXEL, MASK = 64, 5.0, 28
 
@@ -98,14 +97,8 @@ def search_both_ways(volume, symmetry, images, ctf, rings, step_deg):
     particles = particle_sections(normalise_and_mask(images, MASK), grid, ctf=ctf, pixel_size_A=PIXEL)
     result = search_particles(references, particles, grid, np.zeros((len(images), 2)), np.random.default_rng(0),
                               trs_px=4.5, shift_step_px=2.0, neighbours=neighbours,
-                              subgrid=(directions, ops, step))
+                              subgrid=(ops, step))
     return grid_angles(result, references, grid), result.best_angles_deg, ops, step
-
-
-@pytest.fixture(scope="module")
-def ribosome(shared_data):
-    volume = mrcfile.read(shared_data / "ribosome70S_65px.mrc").astype(np.float32)
-    return np.ascontiguousarray(volume[:BOX, :BOX, :BOX])
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +122,9 @@ def test_clean_images_land_between_the_grid_points(ribosome, clean_ribosome):
 def test_noisy_ctf_images_are_closer_to_the_truth(ribosome, tmp_path_factory, relion):
     """SNR 0.1 with astigmatic CTFs, the alignment limited to 16 A as in a refinement."""
     angles, origins = random_poses(300, seed=22, max_shift_px=4.0)
-    rng = np.random.default_rng(6)
-    defocus_u = rng.uniform(10000, 30000, 300)
-    defocus = np.column_stack([defocus_u, defocus_u * rng.uniform(0.9, 1.0, 300), rng.uniform(0, 180, 300)])
     data = relion_projections(relion, tmp_path_factory.mktemp("subgrid_noisy"), ribosome, PIXEL, angles, origins,
-                              defocus)
-    ctf = CtfParams(*data.defocus.T, np.full(300, 300.0), np.full(300, 2.7), np.full(300, 0.1))
-    on_grid, refined, ops, _ = search_both_ways(ribosome, "C1", data.noisy(0.1, seed=7), ctf, 18, 6.0)
+                              astigmatic_defocus(300, seed=6))
+    on_grid, refined, ops, _ = search_both_ways(ribosome, "C1", data.noisy(0.1, seed=7), data.ctf(), 18, 6.0)
     grid_error = symmetric_errors(data.angles_deg, on_grid, ops)
     refined_error = symmetric_errors(data.angles_deg, refined, ops)
     assert np.median(refined_error) < 0.65 * np.median(grid_error), (np.median(grid_error), np.median(refined_error))
