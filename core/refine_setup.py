@@ -113,6 +113,8 @@ def _check_numbers(params):
             raise PrimeInputError(f"{name} must be at least 1, got {value}")
     if params.ini_high_A <= 0:
         raise PrimeInputError(f"--ini_high must be positive, got {params.ini_high_A:g} A")
+    if not params.sigma > 0:  # it divides (1 - corr) in the weights' exponent
+        raise PrimeInputError(f"--sigma must be positive, got {params.sigma:g}")
     if params.trs_px is not None and params.trs_px < 0:
         raise PrimeInputError(f"--trs must not be negative, got {params.trs_px:g} px")
     if int(params.chunk_size) != params.chunk_size or params.chunk_size < 1:

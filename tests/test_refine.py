@@ -235,6 +235,7 @@ def test_bad_input_is_refused_before_anything_is_written(dataset, tmp_path):
         (["--i", tmp_path / "few.star", "--ref", folder / "truth.mrc"], ("few.star", "at least 10")),
         ([*base, "--sym", "Q7"], ("unknown symmetry group",)),
         ([*base, "--update_frac", "0.1", "--max_iter", "5"], ("--max_iter 5",)),
+        ([*base, "--sigma", "0"], ("--sigma must be positive",)),
     ]
     for k, (args, fragments) in enumerate(cases):
         assert_refused(prime_refine(*args, "--o", tmp_path / f"out{k}", cwd=tmp_path), *fragments)

@@ -251,6 +251,7 @@ def test_validation_names_the_problem(project, imported, particles_without_ctf, 
     assert "larger than the box" in _validation_errors(project, good_particles, good_volume, particleDiameter=400)
     assert "at least 10 iterations" in _validation_errors(project, good_particles, good_volume, maxIterations=5)
     assert "Symmetry 'X3'" in _validation_errors(project, good_particles, good_volume, symmetryGroup="X3")
+    assert "must be positive" in _validation_errors(project, good_particles, good_volume, weightSoftness=0.0)
 
     gone = tmp_path / "gone.mrc"
     with mrcfile.new(gone) as mrc:
@@ -261,6 +262,48 @@ def test_validation_names_the_problem(project, imported, particles_without_ctf, 
     volume = _import_volume(project, gone, PIXEL, "map deleted later")
     os.remove(stack_path(volume.getFileName()))
     assert "Missing files" in _validation_errors(project, good_particles, volume)
+
+
+def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
+    """The command the protocol runs, parsed by the real ``prime`` parser, gives the engine the
+    form's values: the defaults, and a form with every setting changed."""
+    import shlex
+
+    from prime_plugin.cli import build_parser
+    from prime_plugin.cli.refine import parameters_from_args
+    from prime_plugin.core.refine import RefineParameters
+    from prime_plugin.protocols import ProtPrimeRefine3D
+
+    particles, volume_import, _, _ = imported
+    mask = tmp_path / "mask.mrc"
+    with mrcfile.new(mask) as mrc:
+        mrc.set_data(soft_sphere_mask(BOX, 28.0, 3.0).astype(np.float32))
+        mrc.voxel_size = PIXEL
+    from pwem.objects import VolumeMask
+
+    changed = {"symmetryGroup": "D2", "initialLowPass": 30.0, "updateFraction": 0.5, "numberOfDirections": 500,
+               "maxIterations": 7, "originRange": 3.0, "numberOfPeaks": 2, "weightSoftness": 0.05,
+               "refineBetweenGridPoints": False, "randomSeed": 11, "numberOfThreads": 1, "particleDiameter": 250}
+    for form in ({}, changed):
+        prot = project.newProtocol(ProtPrimeRefine3D, **form)
+        prot.inputParticles.set(particles.outputParticles)
+        prot.referenceVolume.set(volume_import.outputVolume)
+        if form:
+            prot.solventMask.set(VolumeMask(location=str(mask)))
+        argv = shlex.split(prot._refineArguments())
+        engine = parameters_from_args(build_parser().parse_args(argv))
+        defaults = RefineParameters("", "", "")
+        expected = {"symmetry": form.get("symmetryGroup", "C1"), "ini_high_A": form.get("initialLowPass", 40.0),
+                    "update_fraction": form.get("updateFraction", 0.1),
+                    "n_space": form.get("numberOfDirections", 2000), "max_iter": form.get("maxIterations", 30),
+                    "trs_px": form.get("originRange", defaults.trs_px), "n_peaks": form.get("numberOfPeaks", 3),
+                    "sigma": form.get("weightSoftness", defaults.sigma),
+                    "subgrid": form.get("refineBetweenGridPoints", True), "seed": form.get("randomSeed", 0),
+                    "threads": form.get("numberOfThreads", 2),
+                    "particle_diameter_A": form.get("particleDiameter", defaults.particle_diameter_A),
+                    "solvent_mask": str(mask) if form else None}
+        assert {name: getattr(engine, name) for name in expected} == expected
+        assert engine.particles == prot._particlesStar() and Path(engine.reference).is_file()
 
 
 def test_engine_failure_fails_the_run_with_its_reason(project, imported, tmp_path):

@@ -80,9 +80,20 @@ def add_args(parser):
                              "them; they are stopped at the end. Mostly to try a cluster set-up on a workstation")
 
 
+def parameters_from_args(args):
+    """The engine's :class:`~prime_plugin.core.refine.RefineParameters` for parsed ``prime refine`` options."""
+    from prime_plugin.core.refine import RefineParameters
+
+    return RefineParameters(args.i, args.ref, args.o, symmetry=args.sym, particle_diameter_A=args.particle_diameter,
+                            ini_high_A=args.ini_high, update_fraction=args.update_frac, n_space=args.nspace,
+                            trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter,
+                            threads=args.j, solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
+                            scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid)
+
+
 def main(args):
     from prime_plugin.core.errors import PrimeInputError
-    from prime_plugin.core.refine import RefineParameters, refine
+    from prime_plugin.core.refine import refine
 
     out = Path(args.o)
     if args.resume and args.force:
@@ -92,11 +103,7 @@ def main(args):
         raise PrimeInputError("already holds a refinement; use --continue to resume it or --force to overwrite", out)
     if args.resume and not previous:
         raise PrimeInputError("holds no refinement to continue", out)
-    params = RefineParameters(args.i, args.ref, str(out), symmetry=args.sym, particle_diameter_A=args.particle_diameter,
-                              ini_high_A=args.ini_high, update_fraction=args.update_frac, n_space=args.nspace,
-                              trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter, threads=args.j,
-                              solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
-                              scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid)
+    params = parameters_from_args(args)
     bar = _ProgressBar(args.max_iter)
 
     def prepared():  # the inputs are good: now the log and the bar may appear
