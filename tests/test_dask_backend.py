@@ -223,3 +223,25 @@ def test_a_task_that_kills_every_worker_ends_the_run_in_one_line(distributed):
     assert "\n" not in message
     # With one worker the broadcast data dies with it: every attempt of the pass is cancelled.
     assert "prime-search-it001" in message and "memory per worker" in message
+
+
+def test_a_task_dask_gives_up_on_ends_the_run_in_one_line(distributed):
+    """Dask's own verdict on a task that kills its workers (KilledWorker), reached here before the
+    broadcast data is lost: the memory manager is off, so the second worker keeps its copy, and
+    Dask gives up after the first death."""
+    import dask
+
+    from prime_plugin.core.errors import PrimeRunError
+    from prime_plugin.core.execution import DaskBackend
+
+    def deadly(chunk, shared):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                          "distributed.scheduler.active-memory-manager.start": False}):
+        with DaskBackend.start_local(2) as backend:
+            with pytest.raises(PrimeRunError) as raised:
+                backend.map_reduce(deadly, [0], None, [1], name="prime-search-it001")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("a task of prime-search-it001 ended every Dask worker that ran it")
