@@ -39,32 +39,63 @@ def _fold_x(gx, M):
     return (gx + half - 1) % M - half + 1
 
 
-@njit(cache=True, fastmath=True)
-def _sample_one(F, px, py, pz, width, table, inv_step):
+@njit(inline="always")
+def wrap_index(index, M):
+    """index mod M for index in [-M, 2M)."""
+    if index < 0:
+        return index + M
+    if index >= M:
+        return index - M
+    return index
+
+
+@njit(inline="always")
+def axis_weights(first_offset, width, table, inv_step, out):
+    """out[t] = w(first_offset + t) for t < width; returns their sum."""
+    total = 0.0
+    for t in range(width):
+        out[t] = kernel_weight(first_offset + t, table, inv_step)
+        total += out[t]
+    return total
+
+
+@njit(inline="always")  # a call per point, not inlined, costs three times the interpolation itself
+def _sample_one(F, px, py, pz, width, table, inv_step, wx, wy, wz, iy, iz, niy, niz):
+    """F at (px, py, pz) (padded-grid units), normalised kernel weights; wx..niz: scratch (width,)."""
     M = F.shape[0]
+    half = M // 2
     half_w = 0.5 * width
     x0 = int(np.floor(px - half_w)) + 1
     y0 = int(np.floor(py - half_w)) + 1
     z0 = int(np.floor(pz - half_w)) + 1
-    norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step)
-                  * _axis_sum(z0 - pz, width, table, inv_step))
+    norm = 1.0 / (axis_weights(x0 - px, width, table, inv_step, wx) * axis_weights(y0 - py, width, table, inv_step, wy)
+                  * axis_weights(z0 - pz, width, table, inv_step, wz))
+    # Rows of the taps and of their Friedel mates (used where x folds to negative).
+    for t in range(width):
+        iy[t] = wrap_index(y0 + t, M)
+        iz[t] = wrap_index(z0 + t, M)
+        niy[t] = wrap_index(-(y0 + t), M)
+        niz[t] = wrap_index(-(z0 + t), M)
     re = 0.0
     im = 0.0
-    for tz in range(width):
-        gz = z0 + tz
-        wz = kernel_weight(gz - pz, table, inv_step)
-        for ty in range(width):
-            gy = y0 + ty
-            wzy = wz * kernel_weight(gy - py, table, inv_step)
-            for tx in range(width):
-                gx = _fold_x(x0 + tx, M)
-                w = wzy * kernel_weight(x0 + tx - px, table, inv_step)
-                if gx >= 0:
-                    value = F[gz % M, gy % M, gx]
+    for tx in range(width):
+        gx = x0 + tx
+        if gx > half:
+            gx -= M
+        elif gx <= -half:
+            gx += M
+        if gx >= 0:
+            for tz in range(width):
+                for ty in range(width):
+                    w = wx[tx] * wz[tz] * wy[ty]
+                    value = F[iz[tz], iy[ty], gx]
                     re += w * value.real
                     im += w * value.imag
-                else:
-                    value = F[(-gz) % M, (-gy) % M, -gx]
+        else:
+            for tz in range(width):
+                for ty in range(width):
+                    w = wx[tx] * wz[tz] * wy[ty]
+                    value = F[niz[tz], niy[ty], -gx]
                     re += w * value.real
                     im -= w * value.imag
     return re * norm, im * norm
@@ -80,13 +111,16 @@ def sample_sections(F, rotations, kx, ky, scale, width, table, inv_step, out):
     m = kx.shape[0]
     for i in prange(n):
         a = rotations[i]
+        weights = np.empty((3, width))
+        rows = np.empty((4, width), np.int64)
         for j in range(m):
             u = kx[j] * scale
             v = ky[j] * scale
             px = a[0, 0] * u + a[1, 0] * v
             py = a[0, 1] * u + a[1, 1] * v
             pz = a[0, 2] * u + a[1, 2] * v
-            re, im = _sample_one(F, px, py, pz, width, table, inv_step)
+            re, im = _sample_one(F, px, py, pz, width, table, inv_step, weights[0], weights[1], weights[2],
+                                 rows[0], rows[1], rows[2], rows[3])
             out[i, j] = complex(re, im)
 
 

@@ -36,17 +36,7 @@ The public wrapper with checks is :meth:`reconstruct.Backprojector.insert`.
 import numpy as np
 from numba import njit, prange
 
-from prime_plugin.core.fourier_grid_kernels import kernel_weight
-
-
-@njit(inline="always")
-def _wrap(index, M):
-    """index mod M for index in [-M, 2M)."""
-    if index < 0:
-        return index + M
-    if index >= M:
-        return index - M
-    return index
+from prime_plugin.core.fourier_grid_kernels import axis_weights, wrap_index
 
 
 @njit(inline="always")
@@ -95,7 +85,7 @@ def _point_slabs(px, pz, flipped, width, M, slab_planes, out):
     fold = _needs_fold(x0, width, M // 2)
     count = 0
     for tz in range(width):
-        iz = _wrap(z0 + tz, M)
+        iz = wrap_index(z0 + tz, M)
         for side in range(2 if fold else 1):
             s = (iz if side == 0 else _mate(iz, M)) // slab_planes
             seen = False
@@ -111,7 +101,7 @@ def _point_slabs(px, pz, flipped, width, M, slab_planes, out):
 @njit(inline="always")
 def _row_block(py, flipped, width, M, rows_per_block):
     """Block of the first y row a point touches (its rows 0 .. M - 1 cut into blocks of rows_per_block)."""
-    return _wrap(_first_index(py, width, flipped), M) // rows_per_block
+    return wrap_index(_first_index(py, width, flipped), M) // rows_per_block
 
 
 @njit(parallel=True, cache=True)
@@ -165,16 +155,6 @@ def list_slab_points(rotations, kx, ky, scale, width, M, slab_planes, rows_per_b
 
 
 @njit(inline="always")
-def _axis_weights(first_offset, width, table, inv_step, out):
-    """out[t] = w(first_offset + t) for t < width; returns their sum."""
-    total = 0.0
-    for t in range(width):
-        out[t] = kernel_weight(first_offset + t, table, inv_step)
-        total += out[t]
-    return total
-
-
-@njit(inline="always")
 def _add(U_flat, rho_flat, voxel, w, value_re, value_im, weight2):
     """Add w * value to voxel ``voxel`` (flat index) of U (as float32 pairs) and w * weight2 to rho."""
     i = np.uint64(voxel)  # unsigned: no negative-index wraparound test
@@ -196,22 +176,22 @@ def _insert_point(U_flat, rho_flat, M, z_lo, z_hi, px, py, pz, flipped, value_re
     x0 = _first_index(px, width, flipped)
     y0 = _first_index(py, width, flipped)
     z0 = _first_index(pz, width, flipped)
-    norm = 1.0 / (_axis_weights(x0 - px, width, table, inv_step, wx)
-                  * _axis_weights(y0 - py, width, table, inv_step, wy)
-                  * _axis_weights(z0 - pz, width, table, inv_step, wz))
+    norm = 1.0 / (axis_weights(x0 - px, width, table, inv_step, wx)
+                  * axis_weights(y0 - py, width, table, inv_step, wy)
+                  * axis_weights(z0 - pz, width, table, inv_step, wz))
     value_re *= norm
     value_im *= norm
     weight2 *= norm
     fold = _needs_fold(x0, width, half_m)
     for tz in range(width):
-        iz = _wrap(z0 + tz, M)
+        iz = wrap_index(z0 + tz, M)
         iz_mate = _mate(iz, M)
         direct = z_lo <= iz < z_hi
         mate = fold and z_lo <= iz_mate < z_hi
         if not (direct or mate):
             continue
         for ty in range(width):
-            iy = _wrap(y0 + ty, M)
+            iy = wrap_index(y0 + ty, M)
             wzy = wz[tz] * wy[ty]
             row = (iz * M + iy) * n_x
             if not fold:  # the common case: x0 .. x0 + width - 1 all inside (0, M/2), no mates
