@@ -34,9 +34,13 @@ def _axis_sum(first_offset, width, table, inv_step):
 
 @njit(inline="always")
 def _fold_x(gx, M):
-    """Frequency index gx reduced to the range (-M/2, M/2]."""
+    """Frequency index gx (within one period of the range) reduced to (-M/2, M/2]."""
     half = M // 2
-    return (gx + half - 1) % M - half + 1
+    if gx > half:
+        return gx - M
+    if gx <= -half:
+        return gx + M
+    return gx
 
 
 @njit(inline="always")
@@ -63,7 +67,6 @@ def axis_weights(first_offset, width, table, inv_step, out):
 def _sample_one(F, px, py, pz, width, table, inv_step, wx, wy, wz, iy, iz, niy, niz):
     """F at (px, py, pz) (padded-grid units), normalised kernel weights; wx..niz: scratch (width,)."""
     M = F.shape[0]
-    half = M // 2
     half_w = 0.5 * width
     x0 = int(np.floor(px - half_w)) + 1
     y0 = int(np.floor(py - half_w)) + 1
@@ -79,11 +82,7 @@ def _sample_one(F, px, py, pz, width, table, inv_step, wx, wy, wz, iy, iz, niy, 
     re = 0.0
     im = 0.0
     for tx in range(width):
-        gx = x0 + tx
-        if gx > half:
-            gx -= M
-        elif gx <= -half:
-            gx += M
+        gx = _fold_x(x0 + tx, M)
         if gx >= 0:
             for tz in range(width):
                 for ty in range(width):
