@@ -76,9 +76,9 @@ class ProtPrimeRefine3D(ProtRefine3D):
         form.addParam("updateFraction", params.FloatParam, default=0.1, label="Update fraction",
                       help="Fraction of the particles searched in each iteration (incremental learning). "
                            "0.1 is fast on large data sets; 1.0 searches every particle every iteration.")
-        form.addParam("numberOfDirections", params.IntParam, default=2000, label="Number of projection directions",
-                      help="Reference projection directions over the asymmetric unit. 2000 gives a step of "
-                           "about 4.5 degrees in C1.")
+        form.addParam("numberOfDirections", params.IntParam, default=4000, label="Number of projection directions",
+                      help="Reference projection directions over the asymmetric unit. 4000 gives a step of "
+                           "about 3.2 degrees in C1; the search time grows about in proportion.")
         form.addParam("maxIterations", params.IntParam, default=30, label="Maximum iterations",
                       help="The refinement stops earlier when the resolution and orientations have converged.")
         form.addParam("originRange", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,

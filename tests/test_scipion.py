@@ -295,7 +295,7 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
         defaults = RefineParameters("", "", "")
         expected = {"symmetry": form.get("symmetryGroup", "C1"), "ini_high_A": form.get("initialLowPass", 40.0),
                     "update_fraction": form.get("updateFraction", 0.1),
-                    "n_space": form.get("numberOfDirections", 2000), "max_iter": form.get("maxIterations", 30),
+                    "n_space": form.get("numberOfDirections", 4000), "max_iter": form.get("maxIterations", 30),
                     "trs_px": form.get("originRange", defaults.trs_px), "n_peaks": form.get("numberOfPeaks", 3),
                     "sigma": form.get("weightSoftness", defaults.sigma),
                     "subgrid": form.get("refineBetweenGridPoints", True), "seed": form.get("randomSeed", 0),

@@ -46,7 +46,7 @@ def main(args):
     print("2/2 Refining them from the map low-passed to 40 A (prime refine --sym D2)")
     params = RefineParameters(str(out / "Data" / "particles_no_angles.star"), str(out / "Data" / "start.mrc"),
                               str(out / "Refine"), symmetry="D2", particle_diameter_A=200, update_fraction=0.2,
-                              max_iter=15, threads=args.j)
+                              max_iter=15, n_space=2000, threads=args.j)  # half the default: a quick demo
     from prime_plugin.core.mrc import write_volume
 
     write_volume(params.reference, volume, pixel_size_A)

@@ -47,8 +47,9 @@ def add_args(parser):
     search.add_argument("--update_frac", type=float, default=0.1, metavar="F",
                         help="fraction of the particles searched per iteration, 0 < F <= 1 (default 0.1; "
                              "1 = classic batch refinement)")
-    search.add_argument("--nspace", type=int, default=2000, metavar="N",
-                        help="projection directions in the asymmetric unit (default 2000, ~4.5 degrees in C1)")
+    search.add_argument("--nspace", type=int, default=4000, metavar="N",
+                        help="projection directions in the asymmetric unit (default 4000, ~3.2 degrees apart in C1; "
+                             "the search time grows about in proportion)")
     search.add_argument("--trs", type=float, default=None, metavar="PX",
                         help="origin search range in pixels (default 8%% of the box, 2 to 8)")
     search.add_argument("--npeaks", type=int, default=3, metavar="N",
