@@ -703,8 +703,13 @@ def relion_timeline(relion):
                                                               if paused else "")
                      + f", 1-minute load {segment['load_mean']:.1f} mean / {segment['load_max']:.1f} max"
                      + (f": {segment['note']}" if segment.get("note") else ""))
-    return ("; then ".join(parts) + f". Its wall time above is the time to its last complete iteration "
-            f"({relion['iterations']}), whose scores are the ones given." if record["stopped"] else ".")
+    if record["stopped"]:
+        ending = (f". Its wall time above is the time to its last complete iteration ({relion['iterations']}), "
+                  f"whose scores are the ones given.")
+    else:
+        ending = (". The last segment converged; RELION's wall time above is the time to the iteration that segment "
+                  "continued from plus the segment's own running time to its final files.")
+    return "; then ".join(parts) + ending
 
 
 def relion_memory_note(record):
@@ -712,8 +717,8 @@ def relion_memory_note(record):
     if ranks:
         return (f"For RELION the peak memory is the sum of the {RELION_RANKS} ranks' peaks "
                 f"({', '.join(f'{m:.0f}' for m in ranks)} MB).")
-    return ("RELION's CPU time and peak memory were not recorded: its runs were stopped, and GNU time on "
-            "mpirun sees neither the ranks' CPU nor their memory (n/a in the table).")
+    return ("RELION's CPU time and peak memory were not recorded: GNU time on mpirun sees neither the ranks' CPU "
+            "nor their memory, and the continuations were started by hand without it (n/a in the table).")
 
 
 def section(rows, inc, match, command_line, cache):
