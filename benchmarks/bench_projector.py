@@ -39,6 +39,7 @@ from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler
 from prime_plugin.core.polar import PolarGrid, default_n_rot
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.search import PolarReferences
+from prime_plugin.core.throughput import median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MAP = REPO.parent / "shared" / "data" / "ribosome70S_65px.mrc"
@@ -58,15 +59,6 @@ with mrcfile.new(sys.argv[3], overwrite=True) as mrc:
     mrc.set_data(images)
 print(time.perf_counter() - started)
 """
-
-
-def median_seconds(call, repeats):
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def reference_workload(volume, repeats):

@@ -24,15 +24,6 @@ def kernel_weight(distance, table, inv_step):
 
 
 @njit(inline="always")
-def _axis_sum(first_offset, width, table, inv_step):
-    """Sum of the kernel weights of one axis' neighbours (normalises interpolation weights)."""
-    total = 0.0
-    for t in range(width):
-        total += kernel_weight(first_offset + t, table, inv_step)
-    return total
-
-
-@njit(inline="always")
 def _fold_x(gx, M):
     """Frequency index gx (within one period of the range) reduced to (-M/2, M/2]."""
     half = M // 2
@@ -147,26 +138,28 @@ def sample_planes(F2, kx, ky, scale, width, table, inv_step, out):
     m = kx.shape[0]
     half_w = 0.5 * width
     for i in prange(n):
+        wx = np.empty(width)
+        wy = np.empty(width)
         for j in range(m):
             px = kx[j] * scale
             py = ky[j] * scale
             x0 = int(np.floor(px - half_w)) + 1
             y0 = int(np.floor(py - half_w)) + 1
-            norm = 1.0 / (_axis_sum(x0 - px, width, table, inv_step) * _axis_sum(y0 - py, width, table, inv_step))
+            norm = 1.0 / (axis_weights(x0 - px, width, table, inv_step, wx)
+                          * axis_weights(y0 - py, width, table, inv_step, wy))
             re = 0.0
             im = 0.0
             for ty in range(width):
                 gy = y0 + ty
-                wy = kernel_weight(gy - py, table, inv_step)
                 for tx in range(width):
                     gx = _fold_x(x0 + tx, M)
-                    w = wy * kernel_weight(x0 + tx - px, table, inv_step)
+                    w = wy[ty] * wx[tx]
                     if gx >= 0:
-                        value = F2[i, gy % M, gx]
+                        value = F2[i, wrap_index(gy, M), gx]
                         re += w * value.real
                         im += w * value.imag
                     else:
-                        value = F2[i, (-gy) % M, -gx]
+                        value = F2[i, wrap_index(-gy, M), -gx]
                         re += w * value.real
                         im -= w * value.imag
             out[i, j] = complex(re * norm, im * norm)

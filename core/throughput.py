@@ -20,7 +20,8 @@ from prime_plugin.core.pipelines import map_tiles
 from prime_plugin.core.search import PolarReferences, _block_scores
 
 
-def _median_time(function, repeats):
+def median_seconds(function, repeats):
+    """Median wall time (s) of ``repeats`` calls of ``function()``."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -35,7 +36,7 @@ def matmul_flops_per_second(size=2048, repeats=5):
     a = (rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))).astype(np.complex64)
     b = (rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))).astype(np.complex64)
     a @ b  # warm up (thread pool, caches)
-    return 8.0 * size ** 3 / _median_time(lambda: a @ b, repeats)
+    return 8.0 * size ** 3 / median_seconds(lambda: a @ b, repeats)
 
 
 def inverse_fft_seconds(n_rot, batch=65536, repeats=5):
@@ -44,7 +45,7 @@ def inverse_fft_seconds(n_rot, batch=65536, repeats=5):
     spectra = (rng.standard_normal((batch, n_rot // 2 + 1))
                + 1j * rng.standard_normal((batch, n_rot // 2 + 1))).astype(np.complex64)
     scipy.fft.irfft(spectra, n=n_rot, axis=-1, workers=-1)
-    return _median_time(lambda: scipy.fft.irfft(spectra, n=n_rot, axis=-1, workers=-1), repeats) / batch
+    return median_seconds(lambda: scipy.fft.irfft(spectra, n=n_rot, axis=-1, workers=-1), repeats) / batch
 
 
 def search_pairs_per_second(rings, n_rot, n_references, n_particles, block=32, repeats=5):
@@ -67,7 +68,7 @@ def search_pairs_per_second(rings, n_rot, n_references, n_particles, block=32, r
         map_tiles(lambda rows: _block_scores(references, rows, operand, powers, ctf2, n_rot), blocks)
 
     score_all()
-    return n_references * n_particles / _median_time(score_all, repeats)
+    return n_references * n_particles / median_seconds(score_all, repeats)
 
 
 def search_benchmark(box=128, rings=48, n_rot=256, n_references=1024, n_particles=512, repeats=5):

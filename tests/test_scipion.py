@@ -269,6 +269,8 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
     form's values: the defaults, and a form with every setting changed."""
     import shlex
 
+    from pwem.objects import VolumeMask
+
     from prime_plugin.cli import build_parser
     from prime_plugin.cli.refine import parameters_from_args
     from prime_plugin.core.refine import RefineParameters
@@ -279,7 +281,7 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
     with mrcfile.new(mask) as mrc:
         mrc.set_data(soft_sphere_mask(BOX, 28.0, 3.0).astype(np.float32))
         mrc.voxel_size = PIXEL
-    from pwem.objects import VolumeMask
+    defaults = RefineParameters("", "", "")
 
     changed = {"symmetryGroup": "D2", "initialLowPass": 30.0, "updateFraction": 0.5, "numberOfDirections": 500,
                "maxIterations": 7, "originRange": 3.0, "numberOfPeaks": 2, "weightSoftness": 0.05,
@@ -292,7 +294,6 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
             prot.solventMask.set(VolumeMask(location=str(mask)))
         argv = shlex.split(prot._refineArguments())
         engine = parameters_from_args(build_parser().parse_args(argv))
-        defaults = RefineParameters("", "", "")
         expected = {"symmetry": form.get("symmetryGroup", "C1"), "ini_high_A": form.get("initialLowPass", 40.0),
                     "update_fraction": form.get("updateFraction", 0.1),
                     "n_space": form.get("numberOfDirections", 4000), "max_iter": form.get("maxIterations", 30),
