@@ -136,7 +136,9 @@ def ctf_terms(params):
     defocus_V (A / A^-2 units: multiply by k^2), pi/2 Cs lambda^3, phase shift +
     amplitude-contrast phase (radians), B / 4 (A^2), scale.
     """
-    p = {f.name: np.atleast_1d(np.asarray(getattr(params, f.name), dtype=np.float64)) for f in fields(params)}
+    # Contiguous: numpy's SIMD arctan2/cos/sin then always run (see geometry.py on why that matters).
+    p = {f.name: np.ascontiguousarray(np.atleast_1d(getattr(params, f.name)), dtype=np.float64)
+         for f in fields(params)}
     q0 = p["amplitude_contrast"]
     if np.any((q0 < 0) | (q0 > 1)):
         raise ValueError(f"amplitude contrast must lie in [0, 1], got {params.amplitude_contrast}")

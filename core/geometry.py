@@ -17,6 +17,21 @@ Shapes: angles are scalars or arrays of shape (n,); matrices are (3, 3) or (n, 3
 
 import numpy as np
 
+# Why the arguments of numpy's trigonometric functions are made contiguous here: numpy
+# 1.26 (Scipion's pinned version; 2.4 does not) computes them with SIMD code
+# (Intel SVML on AVX-512 machines) unless the input's memory range, taken as stride *
+# length, may overlap the output; it then falls back to the C library, whose result can
+# differ in the last bit. For a strided view such as R[..., 2, 2] that range runs past
+# the end of the array's buffer, so the fallback was taken whenever the heap happened to
+# put the new output right behind the matrices: angles that differed in the last bit
+# from one run to the next. A contiguous input never overlaps a freshly allocated output.
+
+
+def _columns(R, *entries):
+    """Contiguous copies of the matrix entries R[..., i, j] for each (i, j) in ``entries``."""
+    return tuple(R[..., i, j].copy() for i, j in entries)  # copy(): C order, and 0-d stays 0-d
+
+
 # Below this |sin(tilt)| the rotation is treated as one about z (gimbal lock).
 # RELION uses 16 * FLT_EPSILON (~1.9e-6) in single or double precision; we use a
 # float64-sized threshold so the returned angles reproduce R to ~1e-12 everywhere.
@@ -87,15 +102,16 @@ def matrix_to_euler(R):
     R = np.asarray(R, dtype=np.float64)
     if R.shape[-2:] != (3, 3):
         raise ValueError(f"expected rotation matrices of shape (3, 3) or (n, 3, 3), got {R.shape}")
-    abs_sb = np.hypot(R[..., 0, 2], R[..., 1, 2])
+    r02, r12, r22, r00, r10 = _columns(R, (0, 2), (1, 2), (2, 2), (0, 0), (1, 0))
+    abs_sb = np.hypot(r02, r12)
     locked = abs_sb <= _GIMBAL_SIN_TILT
-    flipped = R[..., 2, 2] < 0  # tilt near 180 when locked
+    flipped = r22 < 0  # tilt near 180 when locked
 
-    tilt = np.where(locked, np.where(flipped, np.pi, 0.0), np.arctan2(abs_sb, R[..., 2, 2]))
-    psi_free = np.arctan2(R[..., 1, 2], -R[..., 0, 2])
+    tilt = np.where(locked, np.where(flipped, np.pi, 0.0), np.arctan2(abs_sb, r22))
+    psi_free = np.arctan2(r12, -r02)
     # Locked: R = Rz(psi) Ry(0 or pi), psi read from the upper-left 2x2 block.
-    psi_up = np.arctan2(-R[..., 1, 0], R[..., 0, 0])
-    psi_down = np.arctan2(R[..., 1, 0], -R[..., 0, 0])
+    psi_up = np.arctan2(-r10, r00)
+    psi_down = np.arctan2(r10, -r00)
     psi = np.where(locked, np.where(flipped, psi_down, psi_up), psi_free)
 
     # M = Ry(tilt).T Rz(psi).T R is Rz(rot); its first row is (cos rot, sin rot, 0).
@@ -103,7 +119,8 @@ def matrix_to_euler(R):
     cb, sb = np.cos(tilt), np.sin(tilt)
     row0_of_rz_t_r = (cg[..., None] * R[..., 0, :] - sg[..., None] * R[..., 1, :])
     m0 = cb[..., None] * row0_of_rz_t_r + sb[..., None] * R[..., 2, :]
-    rot = np.where(locked, 0.0, np.arctan2(m0[..., 1], m0[..., 0]))
+    m01, m00 = m0[..., 1].copy(), m0[..., 0].copy()
+    rot = np.where(locked, 0.0, np.arctan2(m01, m00))
 
     out = tuple(np.degrees(a) for a in (rot, tilt, psi))
     if R.ndim == 2:
@@ -137,8 +154,9 @@ def direction_to_angles(d):
     """
     d = np.asarray(d, dtype=np.float64)
     d = d / np.linalg.norm(d, axis=-1, keepdims=True)
-    tilt = np.degrees(np.arccos(np.clip(d[..., 2], -1.0, 1.0)))
-    rot = np.degrees(np.arctan2(d[..., 1], d[..., 0]))
+    x, y, z = (d[..., k].copy() for k in range(3))
+    tilt = np.degrees(np.arccos(np.clip(z, -1.0, 1.0)))
+    rot = np.degrees(np.arctan2(y, x))
     return rot, tilt
 
 

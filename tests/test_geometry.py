@@ -100,6 +100,47 @@ def test_projection_direction_is_third_row_and_inverts():
     np.testing.assert_allclose(np.stack([rot2, tilt2]), np.stack([rot, tilt]), atol=1e-9)
 
 
+def strided_transcendental_calls(monkeypatch):
+    """Patch numpy's SIMD-dispatched functions so that each call with a strided array argument
+    (not contiguous, and not a broadcast with a zero stride) is recorded; returns the record."""
+    calls = []
+    for name in ("arctan2", "arccos", "arcsin", "cos", "sin", "tan", "exp", "log", "power"):
+        original = getattr(np, name)
+
+        def checked(*args, _name=name, _original=original, **kwargs):
+            for a in args:
+                if isinstance(a, np.ndarray) and a.size > 1 and not a.flags.c_contiguous and 0 not in a.strides:
+                    calls.append((_name, a.shape, a.strides))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(np, name, checked)
+    return calls
+
+
+def test_trigonometry_never_sees_strided_views(monkeypatch):
+    """numpy computes arctan2, cos, ... with SIMD code unless the input's range (stride x length)
+    may overlap the output; for a strided view that range runs past the array's buffer, so
+    where the heap puts the output decides between SIMD and the C library, and the angles
+    differ in the last bit from run to run (this made two identical refinements differ).
+    Every geometry and CTF function is therefore given strided inputs here, and must hand
+    only contiguous arrays to those functions."""
+    from prime_plugin.core.ctf import CtfParams, ctf_terms
+
+    rot, tilt, psi = random_angles(300, seed=11)
+    table = np.stack([rot, tilt, psi], axis=1)          # columns are strided views
+    matrices = np.stack([euler_to_matrix(rot, tilt, psi)] * 2, axis=1)[:, 0]   # (n, 3, 3), strided
+    directions = np.stack([projection_direction(rot, tilt)] * 2, axis=-1)[..., 0]
+    ctf = np.tile(np.array([[15000.0, 14000.0, 30.0, 300.0, 2.7, 0.1]]), (300, 1))
+    calls = strided_transcendental_calls(monkeypatch)
+    assert not matrices.flags.c_contiguous and not table[:, 0].flags.c_contiguous
+    matrix_to_euler(matrices)
+    euler_to_matrix(table[:, 0], table[:, 1], table[:, 2])
+    projection_direction(table[:, 0], table[:, 1])
+    direction_to_angles(directions)
+    ctf_terms(CtfParams(*ctf.T))
+    assert calls == []
+
+
 def test_matrix_to_euler_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"\(3, 3\)"):
         matrix_to_euler(np.eye(4))
