@@ -27,9 +27,9 @@ import numpy as np
 # from one run to the next. A contiguous input never overlaps a freshly allocated output.
 
 
-def _columns(R, *entries):
-    """Contiguous copies of the matrix entries R[..., i, j] for each (i, j) in ``entries``."""
-    return tuple(R[..., i, j].copy() for i, j in entries)  # copy(): C order, and 0-d stays 0-d
+def _contiguous_entries(a, *entries):
+    """Contiguous copies of a[..., *e] for each index tuple e in ``entries`` (over a's last axes)."""
+    return tuple(a[(Ellipsis, *e)].copy() for e in entries)  # copy(): C order, and 0-d stays 0-d
 
 
 # Below this |sin(tilt)| the rotation is treated as one about z (gimbal lock).
@@ -102,7 +102,7 @@ def matrix_to_euler(R):
     R = np.asarray(R, dtype=np.float64)
     if R.shape[-2:] != (3, 3):
         raise ValueError(f"expected rotation matrices of shape (3, 3) or (n, 3, 3), got {R.shape}")
-    r02, r12, r22, r00, r10 = _columns(R, (0, 2), (1, 2), (2, 2), (0, 0), (1, 0))
+    r02, r12, r22, r00, r10 = _contiguous_entries(R, (0, 2), (1, 2), (2, 2), (0, 0), (1, 0))
     abs_sb = np.hypot(r02, r12)
     locked = abs_sb <= _GIMBAL_SIN_TILT
     flipped = r22 < 0  # tilt near 180 when locked
@@ -119,7 +119,7 @@ def matrix_to_euler(R):
     cb, sb = np.cos(tilt), np.sin(tilt)
     row0_of_rz_t_r = (cg[..., None] * R[..., 0, :] - sg[..., None] * R[..., 1, :])
     m0 = cb[..., None] * row0_of_rz_t_r + sb[..., None] * R[..., 2, :]
-    m01, m00 = m0[..., 1].copy(), m0[..., 0].copy()
+    m01, m00 = _contiguous_entries(m0, (1,), (0,))
     rot = np.where(locked, 0.0, np.arctan2(m01, m00))
 
     out = tuple(np.degrees(a) for a in (rot, tilt, psi))
@@ -154,7 +154,7 @@ def direction_to_angles(d):
     """
     d = np.asarray(d, dtype=np.float64)
     d = d / np.linalg.norm(d, axis=-1, keepdims=True)
-    x, y, z = (d[..., k].copy() for k in range(3))
+    x, y, z = _contiguous_entries(d, (0,), (1,), (2,))
     tilt = np.degrees(np.arccos(np.clip(z, -1.0, 1.0)))
     rot = np.degrees(np.arctan2(y, x))
     return rot, tilt
