@@ -13,6 +13,7 @@ from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler, project
 from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume, write_volume
 from prime_plugin.core.fourier import fsc, low_pass, resolution_at, soft_sphere_mask
+from prime_plugin.core.fsc_correction import CorrectedFsc, corrected_fsc, randomise_phases
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
 from prime_plugin.core.refine import RefineParameters, RefineResult, refine
@@ -57,4 +58,7 @@ __all__ = [
     "resolution_at",
     "low_pass",
     "soft_sphere_mask",
+    "CorrectedFsc",
+    "corrected_fsc",
+    "randomise_phases",
 ]
