@@ -24,7 +24,6 @@ import collections
 import contextlib
 import datetime
 import os
-import re
 import resource
 import shlex
 import statistics
@@ -40,10 +39,10 @@ import starfile
 from scipy.ndimage import zoom
 from scipy.spatial.transform import Rotation
 
+from bench_common import REPO, update_results
 from prime_plugin.core.fourier import fsc
 from prime_plugin.core.geometry import matrix_to_euler
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRIME_SHARED_DATA", REPO.parent / "shared" / "data"))
 N_PARTICLES, BOX, APIX, SNR = 10_000, 128, 2.5, 0.1
 SECTION = "## prime reconstruct vs relion_reconstruct"
@@ -245,14 +244,6 @@ def profile(cache):
     return "\n".join(lines)
 
 
-def update_results(text):
-    path = REPO / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, type=Path, help="folder for the data set (made once)")
@@ -270,7 +261,7 @@ def main(argv=None):
     command_line = "python benchmarks/bench_reconstruct.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     text = section(results, fit, command_line)
     print(text)
-    update_results(text)
+    update_results(SECTION, text)
 
 
 if __name__ == "__main__":

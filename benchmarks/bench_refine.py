@@ -52,10 +52,7 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mrcfile
@@ -64,11 +61,10 @@ import pandas as pd
 import starfile
 from scipy.spatial.transform import Rotation
 
-from bench_common import BackgroundSampler, gnu_time, prime_executable, run_checked
+from bench_common import REPO, prime_executable, run_checked, timed_run, update_results
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRIME_SHARED_DATA", REPO.parent / "shared" / "data"))
 N_PARTICLES, BOX, APIX, SNR, MAX_SHIFT_PX, SEED = 5000, 64, 5.0, 0.05, 4.0, 2024
 MASK = (BOX, 30.0, 4.0)
@@ -150,108 +146,6 @@ def make_data(cache):
 
 
 # ---------------------------------------------------------------- timed runs
-
-class RunSampler(BackgroundSampler):
-    """While a run lasts: the 1-minute load average every 10 s, and every 2 s the summed resident set
-    and CPU time of the run's process tree (read from /proc), which survive a run stopped by a signal."""
-
-    TICK = os.sysconf("SC_CLK_TCK")
-
-    def __init__(self):
-        super().__init__(period_s=2.0)
-        self.loads, self.peak_rss_mb, self.cpu_ticks = [], 0.0, {}
-        self.root, self.step = None, 0
-
-    def sample(self):
-        self.step += 1
-        if self.step % 5 == 0:
-            self.loads.append(os.getloadavg()[0])
-        if self.root is not None:
-            self._tree()
-
-    def _tree(self):
-        parents, stats = {}, {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(fields[1])
-            stats[int(entry)] = (int(fields[11]) + int(fields[12]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
-        tree, frontier = set(), [self.root]
-        while frontier:
-            pid = frontier.pop()
-            tree.add(pid)
-            frontier.extend(child for child, parent in parents.items() if parent == pid and child not in tree)
-        rss = sum(stats[pid][1] for pid in tree if pid in stats)
-        self.peak_rss_mb = max(self.peak_rss_mb, rss / 2 ** 20)
-        for pid in tree & stats.keys():
-            self.cpu_ticks[pid] = stats[pid][0]
-
-    @property
-    def cpu_s(self):
-        return sum(self.cpu_ticks.values()) / self.TICK
-
-
-def timed_run(name, argv, shown, cache, limit_s=None):
-    """Run ``argv`` in ``cache`` under GNU time; store and return its timing record."""
-    time_file = cache / f"time_{name}.txt"
-    for old in [time_file, *cache.glob(f"rss_{name}_rank_*")]:
-        old.unlink(missing_ok=True)
-    record = {"name": name, "command": shown, "load_before": os.getloadavg()[0], "started": time.time()}
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {shown}", flush=True)
-    begin = time.perf_counter()
-    with RunSampler() as sampler, open(cache / f"{name}.stdout", "w") as out, \
-            open(cache / f"{name}.stderr", "w") as err:
-        process = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(time_file), *argv], cwd=cache, stdout=out,
-                                   stderr=err, start_new_session=True)
-        sampler.root = process.pid
-        try:
-            record["returncode"] = process.wait(timeout=limit_s)
-            record["stopped"] = False
-        except subprocess.TimeoutExpired:
-            # Our own process group (GNU time and mpirun); mpirun stops its ranks. GNU time dies
-            # without a report, so the figures of a stopped run are the sampler's.
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            record["returncode"], record["stopped"] = process.returncode, True
-    record["wall_s"] = time.perf_counter() - begin
-    record["load_mean"] = float(np.mean(sampler.loads)) if sampler.loads else record["load_before"]
-    record["load_max"] = float(np.max(sampler.loads)) if sampler.loads else record["load_before"]
-    record["rss_sampled_mb"], record["cpu_sampled_s"] = sampler.peak_rss_mb, sampler.cpu_s
-    record.update(gnu_time(time_file))
-    ranks = [re.findall(r"^(\d+)$", p.read_text(), re.M) for p in sorted(cache.glob(f"rss_{name}_rank_*"))]
-    if ranks and all(ranks):  # MPI: the sum of the ranks' peaks (GNU time on mpirun sees only the largest child)
-        record["rss_ranks_mb"] = [int(r[-1]) / 1024 for r in ranks]
-        record["rss_mb"] = sum(record["rss_ranks_mb"])
-    if not np.isfinite(record["rss_mb"]):  # stopped: the sampled figures (every 2 s)
-        record["rss_mb"] = record["rss_sampled_mb"]
-        record["user_s"], record["sys_s"] = record["cpu_sampled_s"], 0.0
-        record["figures_sampled"] = True
-    record["git"] = git_state()
-    print(f"    wall {record['wall_s']:.0f} s, peak {record['rss_mb']:.0f} MB, exit {record['returncode']}"
-          f"{' (stopped at the time limit)' if record['stopped'] else ''}", flush=True)
-    if record["returncode"] != 0 and not record["stopped"]:
-        sys.exit(f"{name} failed: see {cache / (name + '.stderr')}")
-    (cache / f"timing_{name}.json").write_text(json.dumps(record, indent=1))
-    with open(cache / "timing_history.jsonl", "a") as history:  # every timed run, for the repeats
-        history.write(json.dumps(record) + "\n")
-    return record
-
-
-def git_state():
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--short", "core", "prime_plugin"], cwd=REPO, capture_output=True,
-                           text=True).stdout.split()
-    return head.strip() + (" + uncommitted " + " ".join(dirty[1::2]) if dirty else "")
-
 
 def run_all(cache, rerun, relion_limit_min):
     records = {}
@@ -764,14 +658,6 @@ wall time for every run.
 """
 
 
-def update_results(text):
-    path = REPO / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, type=Path, help="data and run folder (data made once)")
@@ -790,7 +676,7 @@ def main(argv=None):
     text = section(rows, inc, match, command_line, cache)
     print(text)
     if not args.no_results:
-        update_results(text)
+        update_results(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -88,13 +88,12 @@ import numpy as np
 import psutil
 import starfile
 
-from bench_common import BackgroundSampler, gnu_time, prime_executable, run_checked
+from bench_common import REPO, BackgroundSampler, gnu_time, prime_executable, run_checked, update_results
 from prime_plugin.core.directions import directions_for_count
 from prime_plugin.core.fourier import fsc
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.polar import default_n_rot
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRIME_SHARED_DATA", REPO.parent / "shared" / "data"))
 SECTION = "## Scaling: in-process vs Dask LocalCluster, memory against particle count"
 APIX, BOX = 5.0, 64
@@ -819,14 +818,6 @@ def section(same, mem_rows, ovh, backend, cost, d128, d256, model, bytes_in, byt
     return "\n".join(lines)
 
 
-def update_results(text):
-    path = REPO / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, type=Path, help="data and run folder (data made once)")
@@ -856,7 +847,7 @@ def main(argv=None):
                    command_line, records, time.perf_counter() - begin)
     print(text)
     if not args.no_results:
-        update_results(text)
+        update_results(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     pip install gemmi
     python tools/make_demo_map.py /path/to/5a1a.cif.gz prime_plugin/data/betagal_d2_64.mrc
 
+:func:`model_map` makes the same kind of map at any box, pixel size and resolution
+(benchmarks/bench_real.py uses it for the real-data reference).
+
 The model's three 2-fold axes are found from its four chains (the rotation taking
 chain A's C-alpha atoms onto chain B, C and D, by the Kabsch method) and turned onto
 z, y and x, the axes RELION's D2 expects. Electron-scattering density (gemmi's
@@ -51,25 +54,32 @@ def symmetry_frame(model):
     return frame
 
 
-def main(model_path, out_path):
-    structure = gemmi.read_structure(model_path)
+def model_map(model_path, box, pixel_A, resolution_A):
+    """Density of the model (first model, all chains), float32 (box, box, box) [z, y, x], maximum 1,
+    its 2-fold axes on z, y and x and its centre of mass at voxel box // 2; ``resolution_A`` is
+    gemmi's d_min."""
+    structure = gemmi.read_structure(str(model_path))
     structure.setup_entities()
     model = structure[0]
     frame = symmetry_frame(model)
     centre = np.array(model.calculate_center_of_mass().tolist())
-    shift = BOX * PIXEL_A / 2.0
+    shift = box // 2 * pixel_A
     transform = gemmi.Transform(gemmi.Mat33(frame.tolist()), gemmi.Vec3(*(shift - frame @ centre)))
     model.transform_pos_and_adp(transform)
-    structure.cell = gemmi.UnitCell(BOX * PIXEL_A, BOX * PIXEL_A, BOX * PIXEL_A, 90, 90, 90)
+    structure.cell = gemmi.UnitCell(box * pixel_A, box * pixel_A, box * pixel_A, 90, 90, 90)
     structure.spacegroup_hm = "P 1"
     calculator = gemmi.DensityCalculatorE()
-    calculator.d_min = RESOLUTION_A
+    calculator.d_min = resolution_A
     calculator.rate = 1.0
     calculator.set_grid_cell_and_spacegroup(structure)
-    calculator.grid.set_size(BOX, BOX, BOX)  # zeros; add_... keeps this size (put_... would choose its own)
+    calculator.grid.set_size(box, box, box)  # zeros; add_... keeps this size (put_... would choose its own)
     calculator.add_model_density_to_grid(model)
     density = np.array(calculator.grid, copy=True).transpose(2, 1, 0)  # gemmi's [x, y, z] -> [z, y, x]
-    density = (density / density.max()).astype(np.float32)
+    return (density / density.max()).astype(np.float32)
+
+
+def main(model_path, out_path):
+    density = model_map(model_path, BOX, PIXEL_A, RESOLUTION_A)
     with mrcfile.new(out_path, overwrite=True) as mrc:
         mrc.set_data(density)
         mrc.voxel_size = PIXEL_A
