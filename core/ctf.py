@@ -83,8 +83,10 @@ class CtfParams:
         return cls(**values)
 
     def take(self, rows):
-        """The parameters of particles ``rows`` (int array) of per-particle parameters."""
-        return CtfParams(**{f.name: np.asarray(getattr(self, f.name))[rows] for f in fields(self)})
+        """The parameters of particles ``rows`` (int array) of per-particle parameters (fields given as one
+        scalar for all particles stay scalar)."""
+        return CtfParams(**{f.name: np.asarray(getattr(self, f.name))[rows] if np.ndim(getattr(self, f.name))
+                            else getattr(self, f.name) for f in fields(self)})
 
     def __len__(self):
         """Number of particles (1 for scalar parameters)."""

@@ -37,7 +37,7 @@ def _contiguous_entries(a, *entries):
 # float64-sized threshold so the returned angles reproduce R to ~1e-12 everywhere.
 _GIMBAL_SIN_TILT = 1e-12
 
-__all__ = ["euler_to_matrix", "matrix_to_euler", "projection_direction", "direction_to_angles",
+__all__ = ["euler_to_matrix", "matrix_to_euler", "projection_direction", "direction_to_angles", "rotation_angles_deg",
            "projection_transform_from_pose", "pose_from_projection_transform"]
 
 
@@ -126,6 +126,22 @@ def matrix_to_euler(R):
     if R.ndim == 2:
         return tuple(float(a) for a in out)
     return out
+
+
+def rotation_angles_deg(a, b, operators=None):
+    """The angle (deg) of the rotation taking each b onto each a, (n,): a, b float (n, 3, 3) RELION matrices.
+
+    With point-group ``operators`` (s, 3, 3) the smallest angle over b's symmetry mates b @ R (the
+    same projection of a symmetric map): the angular error of an orientation found for a symmetric
+    particle.
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 3, 3)
+    b = np.asarray(b, np.float64).reshape(-1, 3, 3)
+    if operators is None:
+        traces = np.einsum("nij,nij->n", a, b)  # trace(a b^T)
+    else:
+        traces = np.einsum("nij,sjk,nik->ns", a, np.asarray(operators, np.float64), b).max(axis=1)
+    return np.degrees(np.arccos(np.clip((traces - 1.0) / 2.0, -1.0, 1.0)))
 
 
 def projection_direction(rot, tilt):

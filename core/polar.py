@@ -114,24 +114,11 @@ def _correction_2d(kernel, box, padding):
     return (c[:, None] * c[None, :]).astype(np.float32)
 
 
-def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None, padding=2.0, kernel=None):
-    """Polar Fourier transforms of (already normalised and masked) particle images.
+def polar_transforms(images, grid, padding=2.0, kernel=None):
+    """Polar Fourier transforms, complex64 (P, K, n_rot // 2), of (already normalised and masked) images.
 
-    Parameters
-    ----------
-    images : (P, N, N) float32, centre at N // 2.
-    grid : PolarGrid with box N.
-    shifts_px : (P, 2), optional
-        RELION origins (x, y) in pixels; the particles are centred by them.
-    ctf : CtfParams with fields of shape (P,), optional
-        Each particle's polar FT is multiplied by its own CTF (needs ``pixel_size_A``).
-
-    Returns
-    -------
-    PolarParticles
-        sections complex64 (P, K, n_rot // 2) (CTF-multiplied), ctf2 float32 (P, K) the
-        ring means of CTF^2 (ones without CTF), powers float32 (P, K) the ring powers
-        of the particles as observed (before the CTF multiplication).
+    images : (P, N, N) float32, centre at N // 2; grid : PolarGrid with box N. The images are
+    gridding-corrected, padded, transformed and sampled at the grid's points (not centred, no CTF).
     """
     kernel = kernel or GriddingKernel()
     images = np.asarray(images, dtype=np.float32)
@@ -147,7 +134,43 @@ def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None,
     out = np.empty((P, kx.size), np.complex64)
     width, table, inv_step = as_kernel_args(kernel)
     sample_planes(planes, kx.ravel(), ky.ravel(), padded_box / box, width, table, inv_step, out)
-    sections = out.reshape(P, len(grid.rings), grid.n_half)
+    return out.reshape(P, len(grid.rings), grid.n_half)
+
+
+def polar_ctf(ctf, grid, pixel_size_A):
+    """Each particle's CTF at the grid's points, float32 (P, K, n_rot // 2), for CtfParams of P particles."""
+    kx, ky = grid.points()
+    scale = 1.0 / (grid.box * pixel_size_A)
+    return np.asarray(ctf_at(ctf, (kx * scale)[None], (ky * scale)[None]), np.float32)
+
+
+def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None, padding=2.0, kernel=None,
+                      ring_weights=None, transforms=None):
+    """Polar Fourier transforms of (already normalised and masked) particle images, ready to correlate.
+
+    Parameters
+    ----------
+    images : (P, N, N) float32, centre at N // 2 (unused when ``transforms`` is given).
+    grid : PolarGrid with box N.
+    shifts_px : (P, 2), optional
+        RELION origins (x, y) in pixels; the particles are centred by them.
+    ctf : CtfParams with fields of shape (P,), optional
+        Each particle's polar FT is multiplied by its own CTF (needs ``pixel_size_A``).
+    ring_weights : float32 (P, K), optional
+        Each ring's weight, 1 / noise power (:mod:`~prime_plugin.core.noise`): multiplies the
+        sections, ``ctf2`` and ``powers``, so that the correlation weighs ring k's terms by it.
+    transforms : complex64 (P, K, n_rot // 2), optional
+        :func:`polar_transforms` of the images, when already computed.
+
+    Returns
+    -------
+    PolarParticles
+        sections complex64 (P, K, n_rot // 2) (CTF-multiplied, weighted), ctf2 float32 (P, K)
+        the ring means of CTF^2 (ones without CTF) times the weights, powers float32 (P, K) the
+        ring powers of the particles as observed (before the CTF) times the weights.
+    """
+    sections = polar_transforms(images, grid, padding, kernel) if transforms is None else transforms
+    P = len(sections)
     if shifts_px is not None:
         sections = apply_shifts(sections, grid, shifts_px)
     powers = ring_powers(sections)
@@ -155,9 +178,14 @@ def particle_sections(images, grid, shifts_px=None, ctf=None, pixel_size_A=None,
     if ctf is not None:
         if pixel_size_A is None:
             raise ValueError("particle_sections needs pixel_size_A to evaluate the CTF")
-        values = ctf_at(ctf, (kx / (box * pixel_size_A))[None], (ky / (box * pixel_size_A))[None])
+        values = polar_ctf(ctf, grid, pixel_size_A)
         sections = sections * values
         ctf2 = (values.astype(np.float64) ** 2).mean(axis=-1).astype(np.float32)
+    if ring_weights is not None:
+        weights = np.asarray(ring_weights, np.float32)
+        sections = sections * weights[:, :, None]
+        ctf2 = ctf2 * weights
+        powers = powers * weights
     return PolarParticles(sections.astype(np.complex64), ctf2, powers)
 
 

@@ -59,6 +59,11 @@ class FourierSums:
         self._check_compatible(other)
         return FourierSums(self.U + other.U, self.rho + other.rho, self.box, self.padding)
 
+    def __sub__(self, other):
+        """These sums without ``other``'s contributions (e.g. some particles' previous insertions)."""
+        self._check_compatible(other)
+        return FourierSums(self.U - other.U, self.rho - other.rho, self.box, self.padding)
+
     def __iadd__(self, other):
         """Add ``other`` into these sums, in place (the same float32 result as ``+``, no new grids)."""
         self._check_compatible(other)

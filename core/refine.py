@@ -31,22 +31,27 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_plugin.core.directions import coarse_subset
 from prime_plugin.core.execution import make_backend
 from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
-from prime_plugin.core.geometry import euler_to_matrix
+from prime_plugin.core.fsc_correction import corrected_fsc
+from prime_plugin.core.geometry import euler_to_matrix, rotation_angles_deg
+from prime_plugin.core.noise import NoiseModel, first_estimate
 from prime_plugin.core.polar import PolarGrid
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.reconstruct import FourierSums, reconstruct_volume
 from prime_plugin.core.refine_setup import prepare
 from prime_plugin.core.refine_state import RefineState, select_update_set
-from prime_plugin.core.refine_tasks import (InsertChunk, InsertionSettings, SearchChunk, SearchSettings, insert_chunk,
-                                            search_chunk)
+from prime_plugin.core.refine_tasks import (MASK_EDGE_PX, InsertChunk, InsertionSettings, SearchChunk, SearchSettings,
+                                            insert_chunk, search_chunk)
 from prime_plugin.core.search import PolarReferences
 from prime_plugin.core.star_reconstruction import combined_fsc
 
 log = logging.getLogger("prime.refine")
 CHECKPOINTS = ".checkpoint"
+LATER_FSC_LIMIT = 0.3  # once every particle has been searched, the alignment limit follows this FSC value
+DIP_SHELLS = 3  # the alignment limit is where the FSC stays below its threshold for this many shells
 
 
 @dataclass
@@ -79,7 +84,7 @@ class RefineParameters:
     symmetry: str = "C1"
     particle_diameter_A: float = None
     ini_high_A: float = 40.0
-    update_fraction: float = 0.1
+    update_fraction: float = 0.2
     n_space: int = 4000
     trs_px: float = None
     shift_step_px: float = None
@@ -95,6 +100,9 @@ class RefineParameters:
     scheduler: str = None
     cluster: str = None
     subgrid: bool = True
+    noise_model: bool = True
+    search_mode: str = "greedy"
+    scale_weighting: bool = False
 
 
 @dataclass
@@ -134,12 +142,19 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             state = RefineState.start(setup.half, np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
                                       params.n_peaks, setup.initial_ring_limit, setup.box)
+            if params.noise_model:
+                state.noise = NoiseModel.empty(*setup.noise_groups, setup.box)
+                first_estimate(state.noise, setup.images, setup.mask_radius_px, MASK_EDGE_PX,
+                               np.random.default_rng([params.seed, 4]))
+                log.info(f"Noise model: {state.noise.n_groups} group(s) "
+                         f"({'micrographs' if setup.noise_by_micrograph else 'optics groups'}).")
         maps = _current_maps(state, setup)
+        curve = None if state.iteration == 0 else gold_standard_fsc(maps, setup, params, state.iteration)
         while state.iteration < params.max_iter:
             started = time.perf_counter()
-            figures = _iterate(state, setup, params, maps, backend)
+            figures = _iterate(state, setup, params, curve, backend)
             maps = _current_maps(state, setup)
-            curve = fsc(maps[0] * setup.mask, maps[1] * setup.mask)
+            curve = gold_standard_fsc(maps, setup, params, state.iteration)
             figures.update(_resolution_figures(state, setup, params, curve))
             figures["resolution_unmasked_A"] = float(resolution_at(fsc(*maps), 0.143, setup.box, setup.pixel_size_A))
             figures["seconds"] = round(time.perf_counter() - started, 2)
@@ -160,7 +175,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
 
 def _log_line(f):
-    return (f"iteration {f['iteration']:3d}: resolution {f['resolution_A']:.2f} A (FSC 0.143 masked; "
+    return (f"iteration {f['iteration']:3d}: resolution {f['resolution_A']:.2f} A (FSC 0.143 under the mask; "
             f"{f['resolution_unmasked_A']:.2f} A unmasked), "
             f"alignment to {f['ring_limit']} Fourier px, searched {f['updated']} particles, "
             f"visited {100 * f['fraction_visited']:.0f}% of the directions, median orientation change "
@@ -175,38 +190,69 @@ def _current_maps(state, setup):
     """Half maps from the current sums (the low-passed reference before the first iteration)."""
     if state.iteration == 0:
         return [setup.reference, setup.reference]
+    return _maps_from_sums(state.sums, setup)
+
+
+def gold_standard_fsc(maps, setup, params, iteration):
+    """The FSC between the two half maps under the mask: with a solvent mask (params.solvent_mask),
+    corrected for the mask by phase randomisation (:func:`~prime_plugin.core.fsc_correction.corrected_fsc`,
+    as relion_postprocess; seeded by the iteration), else under the soft sphere as it is. Before the
+    unmasked FSC falls below 0.8 there is nothing to correct: the masked FSC."""
+    masked = fsc(maps[0] * setup.mask, maps[1] * setup.mask)
+    if not params.solvent_mask:
+        return masked
+    try:
+        return corrected_fsc(maps[0], maps[1], setup.mask, setup.pixel_size_A,
+                             rng=np.random.default_rng([params.seed, 5, iteration])).corrected
+    except ValueError:  # the unmasked FSC never falls below 0.8
+        return masked
+
+
+def _maps_from_sums(sums, setup, curve=None):
+    """Half maps (Wiener-filtered with the FSC between them, or with ``curve`` when given) from two sums."""
     corners = soft_sphere_mask(setup.box, setup.box / 2.0, 3.0)
-    first = [reconstruct_volume(s) * corners for s in state.sums]
-    curve = fsc(first[0] * setup.mask, first[1] * setup.mask)
-    return [reconstruct_volume(s, curve) * corners for s in state.sums]
+    if curve is None:
+        first = [reconstruct_volume(s) * corners for s in sums]
+        curve = fsc(first[0] * setup.mask, first[1] * setup.mask)
+    return [reconstruct_volume(s, curve) * corners for s in sums]
 
 
-def _iterate(state, setup, params, maps, backend):
-    """One iteration of search and sum updates, its chunks run by ``backend``; returns its figures."""
+def _previous_contributions(state, setup, params, rows, backend):
+    """Per half-set, the sums of particles ``rows`` inserted at their current orientations (those never
+    searched add nothing): exactly what the current sums hold of them."""
+    searched = rows[state.update_count[rows] > 0]
+    chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+                          state.peak_angles_deg[part], state.peak_weights[part],
+                          state.scale[part] if params.scale_weighting else None)
+              for index, (half, part) in enumerate(_half_set_chunks(searched, setup.half, params.chunk_size))]
+    _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend), [c.half for c in chunks],
+                                 name=f"prime-previous-it{state.iteration:03d}")
+    return [sums.get(h) or FourierSums.zeros(setup.box) for h in (1, 2)]
+
+
+def _iterate(state, setup, params, curve, backend):
+    """One iteration: search the update set and replace its particles' insertions in the sums; returns
+    the iteration's figures. ``curve``: the FSC between the current half maps (None before the first
+    iteration), for the Wiener filter of the search references.
+
+    The first iteration searches every particle against the starting map. Later ones search the
+    update set (a fraction ``update_fraction``, least often then least recently searched first) in
+    passes of at most MAX_PASS_FRACTION of the particles: each pass is searched against its half's
+    map without the pass's own previous insertions (a particle's own insertion favours its
+    previous orientation, which on small real data sets keeps wrong orientations wrong), then its
+    new insertions replace the previous ones.
+    """
     state.iteration += 1
     rng = np.random.default_rng([params.seed, 2, state.iteration])
-    rows = select_update_set(state, params.update_fraction, rng)
+    rows = select_update_set(state, 1.0 if state.iteration == 1 else params.update_fraction, rng)
     grid = PolarGrid(setup.box, 2, state.ring_limit, setup.n_rot)
-    references = [PolarReferences.from_projector(FourierProjector(m * setup.mask), setup.directions_deg, grid)
-                  for m in maps]
-    settings = SearchSettings(references, grid, setup.directions_deg, setup.neighbours, setup.coarse_directions,
-                              setup.trs_px, setup.shift_step_px, params.n_peaks, params.sigma, params.seed,
-                              state.iteration, _insertion_settings(setup, backend),
-                              (setup.symmetry_ops, setup.angular_step_deg) if params.subgrid else None)
-    chunks = [SearchChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
-                          state.direction[part], state.psi_index[part])
-              for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size))]
     previous_angles = state.angles_deg[rows].copy()
-    found, new_sums = backend.map_reduce(search_chunk, chunks, settings, [c.half for c in chunks],
-                                         name=f"prime-search-it{state.iteration:03d}")
-    del chunks, settings, references
-    for orientations in found:
-        _record(state, orientations)
-    delta = params.update_fraction
-    for h in (1, 2):  # a half with no particle in the update set adds nothing
-        added = new_sums.pop(h) if h in new_sums else FourierSums.zeros(setup.box)
-        state.sums[h - 1] = state.sums[h - 1].scaled(1.0 - delta) + added
-        del added
+    found = []
+    for part in _passes(rows, len(state.half)):
+        found += _search_pass(state, setup, params, grid, part, curve, backend, first_chunk=len(found))
+    if state.noise is not None:
+        state.noise.add(np.concatenate([f.rows for f in found]), np.concatenate([f.ring_residual for f in found]),
+                        grid.rings.astype(np.int64), keep=1.0 - len(rows) / len(state.half))
     state.update_count[rows] += 1
     state.last_update[rows] = state.iteration
     changes = _orientation_changes(previous_angles, state.angles_deg[rows])
@@ -214,6 +260,81 @@ def _iterate(state, setup, params, maps, backend):
             "fraction_visited": float(state.fraction_visited[rows].mean()),
             "orientation_change_deg": float(np.median(changes)) if changes.size else float("nan"),
             "mean_correlation": float(state.correlation[rows].mean())}
+
+
+MAX_PASS_FRACTION = 0.25  # particles searched against sums without their own insertions, at most, per pass
+
+
+def _passes(rows, n_particles):
+    """``rows`` cut into passes of at most MAX_PASS_FRACTION of the particles (in order)."""
+    count = int(np.ceil(len(rows) / max(1, int(MAX_PASS_FRACTION * n_particles))))
+    return np.array_split(rows, count) if count > 1 else [rows]
+
+
+def _search_pass(state, setup, params, grid, rows, curve, backend, first_chunk):
+    """Search particles ``rows`` and replace their insertions in the sums; returns the tasks' outputs.
+    The pass's chunks are numbered from ``first_chunk`` (the number seeds each chunk's generator)."""
+    if curve is None:  # nothing inserted yet: the starting map
+        kept, maps = state.sums, [setup.reference, setup.reference]
+    else:
+        previous = _previous_contributions(state, setup, params, rows, backend)
+        kept = [total - mine for total, mine in zip(state.sums, previous)]
+        del previous
+        maps = _maps_from_sums(kept, setup, curve)
+    references = [PolarReferences.from_projector(FourierProjector(m * setup.mask), setup.directions_deg, grid)
+                  for m in maps]
+    del maps
+    settings = SearchSettings(references, grid, setup.directions_deg, setup.neighbours,
+                              coarse_directions(setup, grid.k_to), setup.trs_px,
+                              offset_step_px(setup, params, grid.k_to),
+                              params.n_peaks, params.sigma, params.seed, state.iteration,
+                              _insertion_settings(setup, backend),
+                              (setup.symmetry_ops, setup.angular_step_deg) if params.subgrid else None,
+                              measure_noise=state.noise is not None, search_mode=params.search_mode,
+                              scale_weighting=params.scale_weighting)
+    rings = grid.rings.astype(np.int64)
+    chunks = [SearchChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+                          state.direction[part], state.psi_index[part],
+                          None if state.noise is None else state.noise.ring_weights(part, rings))
+              for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size),
+                                                   start=first_chunk)]
+    found, new_sums = backend.map_reduce(search_chunk, chunks, settings, [c.half for c in chunks],
+                                         name=f"prime-search-it{state.iteration:03d}-{first_chunk}")
+    del chunks, settings, references
+    for orientations in found:
+        _record(state, orientations)
+    for h in (1, 2):  # a half with no particle in this pass adds nothing
+        state.sums[h - 1] = kept[h - 1] + (new_sums.pop(h) if h in new_sums else FourierSums.zeros(setup.box))
+    return found
+
+
+OFFSET_PHASE_TOLERANCE = 2.4  # rad: the origin grid's half-diagonal shifts the alignment limit's ring this much
+
+
+def offset_step_px(setup, params, ring_limit):
+    """The step (px) of the origin grid an exhaustive search scores at alignment limit ``ring_limit``
+    (Fourier px): fine enough that an origin half a grid diagonal off still correlates the outer ring
+    (phase error 2 pi k d / N at most OFFSET_PHASE_TOLERANCE), at most half the search radius and at
+    least 1 px; ``params.shift_step_px`` when given. On real particles a grid of half the radius left
+    one in seven particles misaligned (benchmarks/RESULTS.md)."""
+    if params.shift_step_px is not None:
+        return params.shift_step_px
+    step = np.sqrt(2.0) * OFFSET_PHASE_TOLERANCE * setup.box / (2.0 * np.pi * ring_limit)
+    return float(np.clip(step, 1.0, max(1.0, setup.trs_px / 2.0)))
+
+
+COARSE_OVERSAMPLING = 1.5  # the coarse grid's step is the resolution's required sampling / this
+MAX_COARSE_FRACTION = 0.25  # the coarse grid never holds more than this fraction of the directions
+
+
+def coarse_directions(setup, ring_limit):
+    """Indices of the directions an exhaustive search scores first at alignment limit ``ring_limit``
+    (Fourier px): a grid whose step is the angular sampling this resolution needs (RELION's rule: the
+    angle over which the particle's edge moves by one resolution element, 360 r / (pi D) degrees),
+    divided by COARSE_OVERSAMPLING; at most MAX_COARSE_FRACTION of the directions."""
+    needed_deg = 360.0 * setup.box / (np.pi * ring_limit * 2.0 * setup.mask_radius_px) / COARSE_OVERSAMPLING
+    fraction = min(MAX_COARSE_FRACTION, (setup.angular_step_deg / needed_deg) ** 2)
+    return coarse_subset(setup.directions_deg, setup.symmetry_ops, fraction)
 
 
 def _half_set_chunks(rows, half, chunk_size):
@@ -247,34 +368,42 @@ def _orientation_changes(before, after):
     known = np.isfinite(before).all(axis=1)
     if not known.any():
         return np.array([])
-    a = euler_to_matrix(*before[known].T)
-    b = euler_to_matrix(*after[known].T)
-    cosine = (np.trace(np.einsum("nij,nkj->nik", a, b), axis1=1, axis2=2) - 1) / 2
-    return np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+    return rotation_angles_deg(euler_to_matrix(*before[known].T), euler_to_matrix(*after[known].T))
 
 
 def _resolution_figures(state, setup, params, curve):
     """Gold-standard resolution and the ring limit of the next iteration (in place)."""
     apix, box = setup.pixel_size_A, setup.box
-    threshold = params.fsc_limit if state.update_count.min() < 1 else min(params.fsc_limit, 0.3)
-    below = np.flatnonzero(curve[1:] < threshold)
-    crossing = (below[0] + 1) if below.size else box // 2
+    threshold = params.fsc_limit if state.update_count.min() < 1 else min(params.fsc_limit, LATER_FSC_LIMIT)
+    crossing = sustained_crossing(curve, threshold)
     state.ring_limit = int(np.clip(max(crossing, setup.initial_ring_limit), 3, box // 2 - 2))
     return {"resolution_A": float(resolution_at(curve, 0.143, box, apix)),
             "resolution_05_A": float(resolution_at(curve, 0.5, box, apix)),
             "next_ring_limit": state.ring_limit, "next_limit_A": float(box * apix / state.ring_limit)}
 
 
+def sustained_crossing(curve, threshold, shells=DIP_SHELLS):
+    """The first shell (>= 1) from which the FSC stays below ``threshold`` for ``shells`` shells in a row
+    (N // 2 when it never does). A dip narrower than that (the shells where every particle's CTF is near
+    zero, when the defoci are alike) does not end the alignment there."""
+    below = np.asarray(curve[1:]) < threshold
+    for k in range(len(below)):
+        if below[k:k + shells].all():
+            return k + 1
+    return len(curve) - 1
+
+
 def _converged(state, params, setup):
-    """All particles searched, and over the last 1/delta iterations (at least 2): > 90% of the space visited,
-    median orientation change below the angular step, the alignment limit unchanged (and not
-    about to change), resolution no longer improving."""
+    """Every particle searched at least twice, and over the last 1/delta iterations (at least 2): the
+    median orientation change below the angular step, the alignment limit unchanged (and not about to
+    change), the resolution no longer improving; with stochastic hill climbing also > 90% of the
+    directions visited (the climbs found nothing better)."""
     window = max(2, int(np.ceil(1.0 / params.update_fraction)))
     history = state.history
-    if state.update_count.min() < 1 or len(history) < 2 * window:
+    if state.update_count.min() < 2 or len(history) < 2 * window:
         return False
     recent = history[-window:]
-    visited = all(h["fraction_visited"] > 0.9 for h in recent)
+    visited = params.search_mode != "shc" or all(h["fraction_visited"] > 0.9 for h in recent)
     steady = all(h["orientation_change_deg"] < setup.angular_step_deg for h in recent)
     limit_fixed = len({h["ring_limit"] for h in recent} | {recent[-1]["next_ring_limit"]}) == 1
     best_before = min(h["resolution_A"] for h in history[:-window])
@@ -287,7 +416,8 @@ def _final_maps(state, setup, params, backend):
     half maps, FSC and combined map."""
     everyone = np.arange(len(state.half))
     chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
-                          state.peak_angles_deg[part], state.peak_weights[part])
+                          state.peak_angles_deg[part], state.peak_weights[part],
+                          state.scale[part] if params.scale_weighting else None)
               for index, (half, part) in enumerate(_half_set_chunks(everyone, setup.half, params.chunk_size))]
     _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend), [c.half for c in chunks],
                                  name="prime-final")
@@ -299,6 +429,6 @@ def _final_maps(state, setup, params, backend):
     both = FourierSums(final[0].U + final[1].U, final[0].rho + final[1].rho, setup.box)
     volume = reconstruct_volume(both, combined_fsc(curve)) * corners
     # Reported as in every iteration: the FSC of the written (Wiener-filtered) half maps, masked.
-    reported = fsc(half_maps[0] * setup.mask, half_maps[1] * setup.mask)
+    reported = gold_standard_fsc(half_maps, setup, params, state.iteration + 1)
     return RefineResult(half_maps, volume, reported,
                         float(resolution_at(reported, 0.143, setup.box, setup.pixel_size_A)), state, setup)

@@ -17,6 +17,7 @@ from prime_plugin.core.execution import check_backend_choice
 from prime_plugin.core.fourier import low_pass, soft_sphere_mask
 from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume
+from prime_plugin.core.noise import noise_groups
 from prime_plugin.core.polar import default_n_rot
 from prime_plugin.core.resample import resample_volume
 from prime_plugin.core.star import common_pixel_size, read_particles
@@ -51,6 +52,8 @@ class RefineSetup:
     shift_step_px: float
     image_names: list
     notes: list
+    noise_groups: tuple
+    noise_by_micrograph: bool
 
 
 def prepare(params):
@@ -72,6 +75,9 @@ def prepare(params):
     mask_radius_px = _mask_radius_px(params, box, apix)
     reference = _starting_reference(params, box, apix, notes)
     mask = _solvent_mask(params, box) if params.solvent_mask else soft_sphere_mask(box, mask_radius_px, 4.0)
+    if params.solvent_mask:
+        notes.append("Resolutions: the FSC under the solvent mask, corrected for the mask by phase randomisation "
+                     "(as relion_postprocess).")
     directions, step = directions_for_count(params.symmetry, params.n_space)
     neighbours = direction_neighbours(directions, symmetry_ops)
     ring_limit = int(np.clip(np.floor(box * apix / params.ini_high_A), 3, box // 2 - 2))
@@ -80,7 +86,7 @@ def prepare(params):
     return RefineSetup(table, images, apix, box, ctf, half, table.shifts_px, reference, mask, mask_radius_px,
                        symmetry_ops, directions, step, neighbours, coarse_subset(directions, symmetry_ops),
                        default_n_rot(mask_radius_px), ring_limit, trs, shift_step, _image_names(table, images, notes),
-                       notes)
+                       notes, noise_groups(table), "rlnMicrographName" in table.particles.columns)
 
 
 def _image_names(table, images, notes):
@@ -104,10 +110,10 @@ def _check_numbers(params):
     """Refuse parameters out of range, in the command line's words."""
     if not 0 < params.update_fraction <= 1:
         raise PrimeInputError(f"--update_frac must be in (0, 1], got {params.update_fraction:g}")
-    if params.max_iter < 1 or params.max_iter * params.update_fraction < 1 - 1e-9:
-        needed = int(np.ceil(1 / params.update_fraction))
-        raise PrimeInputError(f"--max_iter {params.max_iter} never searches every particle with --update_frac "
-                              f"{params.update_fraction:g}: use at least {needed} iterations")
+    if params.max_iter < 1:
+        raise PrimeInputError(f"--max_iter must be at least 1, got {params.max_iter}")
+    if params.search_mode not in ("greedy", "shc"):
+        raise PrimeInputError(f"the search is greedy or shc, got {params.search_mode!r}")
     for name, value in (("--npeaks", params.n_peaks), ("--nspace", params.n_space)):
         if value < 1:
             raise PrimeInputError(f"{name} must be at least 1, got {value}")

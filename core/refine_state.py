@@ -20,12 +20,13 @@ import numpy as np
 
 from prime_plugin.core.atomic_files import atomic_output
 from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.noise import NoiseModel
 from prime_plugin.core.reconstruct import FourierSums
 
 STATE_NAME = "checkpoint_state.npz"
 PER_PARTICLE = ("half", "direction", "psi_index", "angles_deg", "shift_px", "correlation", "update_count",
                 "last_update", "fraction_visited", "peak_directions", "peak_psi", "peak_angles_deg",
-                "peak_weights", "peak_correlations")
+                "peak_weights", "peak_correlations", "scale")
 
 
 @dataclass
@@ -48,8 +49,10 @@ class RefineState:
     peak_angles_deg: np.ndarray
     peak_weights: np.ndarray
     peak_correlations: np.ndarray
+    scale: np.ndarray
     sums: list = field(default_factory=list)
     history: list = field(default_factory=list)
+    noise: object = None  # a NoiseModel, or None when the search is unweighted
 
     @classmethod
     def start(cls, half, angles_deg, shift_px, n_peaks, ring_limit, box, padding=2.0):
@@ -61,7 +64,7 @@ class RefineState:
                    correlation=np.zeros(n), update_count=np.zeros(n, np.int64), last_update=np.zeros(n, np.int64),
                    fraction_visited=np.zeros(n), peak_directions=np.full((n, n_peaks), -1, np.int64),
                    peak_psi=np.zeros((n, n_peaks), np.int64), peak_angles_deg=np.zeros((n, n_peaks, 3)),
-                   peak_weights=np.zeros((n, n_peaks)), peak_correlations=np.zeros((n, n_peaks)),
+                   peak_weights=np.zeros((n, n_peaks)), peak_correlations=np.zeros((n, n_peaks)), scale=np.ones(n),
                    sums=[FourierSums.zeros(box, padding), FourierSums.zeros(box, padding)])
 
     def save(self, folder):
@@ -71,6 +74,9 @@ class RefineState:
         for h, sums in enumerate(self.sums, start=1):
             sums.save(folder / f"checkpoint_half{h}_it{self.iteration:03d}.npz")
         arrays = {name: getattr(self, name) for name in PER_PARTICLE}
+        if self.noise is not None:
+            arrays.update(noise_group=self.noise.group_of_particle, noise_optics=self.noise.optics_of_group,
+                          noise_sums=self.noise.sums, noise_particles=self.noise.particles)
         with atomic_output(folder / STATE_NAME) as temporary:
             with open(temporary, "wb") as handle:
                 np.savez(handle, iteration=self.iteration, ring_limit=self.ring_limit,
@@ -91,6 +97,9 @@ class RefineState:
             iteration = int(saved["iteration"])
             state = cls(iteration=iteration, ring_limit=int(saved["ring_limit"]),
                         history=json.loads(str(saved["history"])), **values)
+            if "noise_sums" in saved:
+                state.noise = NoiseModel(saved["noise_group"], saved["noise_optics"], saved["noise_sums"],
+                                         saved["noise_particles"])
         state.sums = [FourierSums.load(folder / f"checkpoint_half{h}_it{iteration:03d}.npz") for h in (1, 2)]
         return state
 

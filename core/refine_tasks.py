@@ -28,9 +28,11 @@ import numpy as np
 
 from prime_plugin.core.ctf import ctf_image
 from prime_plugin.core.geometry import euler_to_matrix
-from prime_plugin.core.polar import normalise_and_mask, particle_sections
+from prime_plugin.core.noise import fit_to_reference
+from prime_plugin.core.polar import apply_shifts, normalise_and_mask, particle_sections, polar_ctf, polar_transforms
 from prime_plugin.core.reconstruct import Backprojector, FourierSums
 from prime_plugin.core.search import search_particles
+from prime_plugin.core.shifts import rotated_half_rings
 from prime_plugin.core.pipelines import thread_limit
 
 SEARCH_RANDOM_STREAM = 3  # the chunks' generators: default_rng([seed, 3, iteration, chunk index])
@@ -63,6 +65,13 @@ class SearchSettings:
     seed, iteration : with the chunk index, the seed of each chunk's generator.
     insertion : InsertionSettings. subgrid : (symmetry_ops, angular_step_deg) to refine each best
     orientation between the grid points (:mod:`~prime_plugin.core.subgrid`), or None.
+    measure_noise : return each particle's residual ring power at its best orientation
+    (:func:`~prime_plugin.core.noise.fit_to_reference`) for the noise model.
+    scale_weighting : insert each particle with its contrast scale a against its reference (U gets
+    a CTF X, rho a^2 CTF^2), so that particles of low contrast (junk among them) weigh little.
+    search_mode : "greedy" (every search exhaustive: the coarse directions at every origin offset, then
+    a climb over neighbouring directions) or "shc" (stochastic hill climbing from the previous
+    orientation, exhaustive only for particles never searched).
     """
 
     references: list
@@ -78,6 +87,9 @@ class SearchSettings:
     iteration: int
     insertion: InsertionSettings
     subgrid: tuple = None
+    measure_noise: bool = False
+    search_mode: str = "greedy"
+    scale_weighting: bool = False
 
 
 @dataclass
@@ -100,19 +112,23 @@ class ParticleChunk:
 @dataclass
 class SearchChunk(ParticleChunk):
     """A search task's particles: direction, psi_index : int64 (k,) the previous orientation
-    (direction -1: never searched)."""
+    (direction -1: never searched); ring_weights : float32 (k, K) each particle's weight of the
+    iteration's rings (1 / noise power, :mod:`~prime_plugin.core.noise`), or None (unweighted)."""
 
     direction: np.ndarray
     psi_index: np.ndarray
+    ring_weights: np.ndarray = None
 
 
 @dataclass
 class InsertChunk(ParticleChunk):
     """An insertion task's particles: peak_angles_deg : float64 (k, p, 3) the n_peaks orientations
-    (rot, tilt, psi); peak_weights : float64 (k, p) their weights."""
+    (rot, tilt, psi); peak_weights : float64 (k, p) their weights; scale : float64 (k,) each
+    particle's contrast scale (see :func:`insert_particles`), or None."""
 
     peak_angles_deg: np.ndarray
     peak_weights: np.ndarray
+    scale: np.ndarray = None
 
 
 @dataclass
@@ -122,7 +138,9 @@ class ChunkOrientations:
     direction, psi_index : int64 (k,) best orientation; shift_px : (k, 2) px; correlation,
     fraction_visited : (k,); peak_directions, peak_psi : int64 (k, p) (direction -1: no peak);
     peak_angles_deg : (k, p, 3) (rot, tilt, psi); peak_weights (0 where no peak),
-    peak_correlations : (k, p).
+    peak_correlations : (k, p). scale : (k,) the contrast scale against the reference at the best
+    orientation (:func:`~prime_plugin.core.noise.fit_to_reference`, clipped at 0). ring_residual :
+    float64 (k, K) the residual ring power there (SearchSettings.measure_noise), else None; not a state field.
     """
 
     rows: np.ndarray
@@ -136,6 +154,8 @@ class ChunkOrientations:
     peak_angles_deg: np.ndarray
     peak_weights: np.ndarray
     peak_correlations: np.ndarray
+    scale: np.ndarray
+    ring_residual: np.ndarray = None
 
     # The fields copied one to one from a SearchResult (the others are derived in store()).
     FROM_SEARCH_RESULT = ("direction", "psi_index", "shift_px", "correlation", "fraction_visited", "peak_directions",
@@ -143,15 +163,16 @@ class ChunkOrientations:
 
     @classmethod
     def per_particle_fields(cls):
-        """Every field but ``rows``: each is a RefineState field of the same name, indexed by particle."""
-        return tuple(f.name for f in fields(cls) if f.name != "rows")
+        """Every field but ``rows`` and ``ring_residual``: each is a RefineState field of the same name,
+        indexed by particle."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("rows", "ring_residual"))
 
     @classmethod
     def empty(cls, rows, n_peaks):
         k = len(rows)
         return cls(rows, np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros((k, 2)), np.zeros(k), np.zeros(k),
                    np.full((k, n_peaks), -1, np.int64), np.zeros((k, n_peaks), np.int64), np.zeros((k, n_peaks, 3)),
-                   np.zeros((k, n_peaks)), np.zeros((k, n_peaks)))
+                   np.zeros((k, n_peaks)), np.zeros((k, n_peaks)), np.ones(k))
 
     def store(self, pick, result, directions_deg, psi_step_deg):
         """Fill positions ``pick`` (int array) from a SearchResult of those particles."""
@@ -173,16 +194,18 @@ def search_chunk(chunk, settings):
         rng = np.random.default_rng([settings.seed, SEARCH_RANDOM_STREAM, settings.iteration, chunk.index])
         normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
         masked = normalise_and_mask(normalised, insertion.mask_radius_px, MASK_EDGE_PX)
-        particles = particle_sections(masked, settings.grid, ctf=chunk.ctf, pixel_size_A=insertion.pixel_size_A)
+        transforms = polar_transforms(masked, settings.grid)
         del masked
+        particles = particle_sections(None, settings.grid, ctf=chunk.ctf, pixel_size_A=insertion.pixel_size_A,
+                                      ring_weights=chunk.ring_weights, transforms=transforms)
         references = settings.references[chunk.half - 1]
         found = ChunkOrientations.empty(chunk.rows, settings.n_peaks)
-        searched = chunk.direction >= 0
-        for first_search in (True, False):
-            pick = np.flatnonzero(~searched if first_search else searched)
+        climbing = (chunk.direction >= 0) & (settings.search_mode == "shc")
+        for exhaustive in (True, False):
+            pick = np.flatnonzero(~climbing if exhaustive else climbing)
             if pick.size == 0:
                 continue
-            previous = None if first_search else (chunk.direction[pick], chunk.psi_index[pick])
+            previous = None if exhaustive else (chunk.direction[pick], chunk.psi_index[pick])
             result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
                                       previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
                                       trs_px=settings.trs_px, shift_step_px=settings.shift_step_px,
@@ -190,9 +213,24 @@ def search_chunk(chunk, settings):
                                       subgrid=settings.subgrid)
             found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)
         del particles
+        scale, residual = _fit_at_best(transforms, found, chunk.ctf, references, settings.grid,
+                                       insertion.pixel_size_A, chunk.ring_weights)
+        found.scale = np.maximum(scale, 0.0)
+        if settings.measure_noise:
+            found.ring_residual = residual
+        del transforms
         sums = insert_particles(normalised, found.shift_px, chunk.ctf, found.peak_angles_deg, found.peak_weights,
-                                insertion)
+                                insertion, found.scale if settings.scale_weighting else None)
     return found, sums
+
+
+def _fit_at_best(transforms, found, ctf, references, grid, pixel_size_A, ring_weights):
+    """Each particle's contrast scale (k,) and residual ring power (k, K) against its reference at its best
+    grid orientation (:func:`~prime_plugin.core.noise.fit_to_reference`)."""
+    centred = apply_shifts(transforms, grid, found.shift_px)
+    ctf_values = np.ones(centred.shape, np.float32) if ctf is None else polar_ctf(ctf, grid, pixel_size_A)
+    best = rotated_half_rings(references.sections[found.direction], found.psi_index)
+    return fit_to_reference(centred, ctf_values, best, ring_weights)
 
 
 def insert_chunk(chunk, insertion):
@@ -200,22 +238,28 @@ def insert_chunk(chunk, insertion):
     with _task_threads(insertion.threads):
         normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
         sums = insert_particles(normalised, chunk.shift_px, chunk.ctf, chunk.peak_angles_deg, chunk.peak_weights,
-                                insertion)
+                                insertion, chunk.scale)
     return None, sums
 
 
-def insert_particles(images, shift_px, ctf, peak_angles_deg, peak_weights, insertion):
+def insert_particles(images, shift_px, ctf, peak_angles_deg, peak_weights, insertion, scale=None):
     """Fourier sums of ``images`` float32 (k, N, N) inserted at their weighted orientations.
 
     shift_px : (k, 2) RELION origins px; ctf : CtfParams of the k images or None;
     peak_angles_deg : (k, p, 3); peak_weights : (k, p) (peaks below MIN_PEAK_WEIGHT are
-    left out). Every symmetry mate is inserted. Returns new FourierSums of box N.
+    left out); scale : (k,) contrast scales a >= 0, or None: image i adds a_i CTF X_i to U and
+    a_i^2 CTF^2 to rho (the least-squares map for images X_i = a_i CTF V + noise). Every symmetry
+    mate is inserted. Returns new FourierSums of box N.
     """
     ops = insertion.symmetry_ops
     backprojector = Backprojector(insertion.box, symmetry_ops=ops if len(ops) > 1 else None)
     sums = FourierSums.zeros(insertion.box, backprojector.padding)
     ctf_grid = None if ctf is None else ctf_image(ctf, insertion.box, insertion.pixel_size_A, rfft=True)
     data, ctf2 = backprojector.image_transforms(images, shift_px, ctf_grid)
+    if scale is not None:
+        a = np.asarray(scale, np.float32)[:, None]
+        data *= a
+        ctf2 *= a * a
     kept = peak_weights > MIN_PEAK_WEIGHT
     image_of = np.nonzero(kept)[0]
     angles = peak_angles_deg[kept]

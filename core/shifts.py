@@ -20,10 +20,15 @@ from prime_plugin.core.polar import apply_shifts
 
 
 def rotated_half_rings(sections, m):
-    """Y(k, n + m) for n < n_rot/2 from half rings (K, h), with the Friedel conj for the other half."""
+    """Y(k, n + m) for n < n_rot/2 from half rings (..., K, h), with the Friedel conj for the other half.
+
+    m : an in-plane index, or int (P,) one per leading row of ``sections`` (P, K, h).
+    """
     h = sections.shape[-1]
     full = np.concatenate([sections, np.conj(sections)], axis=-1)
-    return np.roll(full, -int(m), axis=-1)[..., :h]
+    m = np.asarray(m, np.int64)
+    index = (np.arange(h) + m[..., None, None]) % (2 * h)
+    return np.take_along_axis(full, np.broadcast_to(index, sections.shape), axis=-1)
 
 
 def shift_objective(product, t_x, t_y, norm):

@@ -5,7 +5,6 @@ through Scipion's job mechanism (threads, queue), register the map with its half
 FSC and the particles with their refined 3D alignment. No numerics here.
 """
 
-import math
 import os
 import shlex
 import sys
@@ -73,9 +72,21 @@ class ProtPrimeRefine3D(ProtRefine3D):
                            "iteration. 30-60 A for a map from another data set or an ab initio model.")
 
         form.addSection(label="Search")
-        form.addParam("updateFraction", params.FloatParam, default=0.1, label="Update fraction",
-                      help="Fraction of the particles searched in each iteration (incremental learning). "
-                           "0.1 is fast on large data sets; 1.0 searches every particle every iteration.")
+        form.addParam("updateFraction", params.FloatParam, default=0.2, label="Update fraction",
+                      help="Fraction of the particles searched in each iteration after the first, which "
+                           "searches them all (incremental learning). 1.0 searches every particle every "
+                           "iteration.")
+        form.addParam("searchMode", params.EnumParam, choices=["greedy", "shc"], default=0,
+                      expertLevel=params.LEVEL_ADVANCED, label="Search",
+                      help="greedy: every search scores a coarse grid of directions (as fine as the current "
+                           "resolution needs) at every origin offset, then climbs to the best neighbouring "
+                           "direction. shc: stochastic hill climbing from the previous orientation, faster but "
+                           "on real particles it leaves more of them in wrong orientations.")
+        form.addParam("noiseModel", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                      label="Weigh by the noise spectrum?",
+                      help="Yes: each Fourier ring of the correlation is weighted by the noise power of the "
+                           "particle's micrograph, estimated from the data (what RELION's likelihood does). "
+                           "No: the plain normalised correlation.")
         form.addParam("numberOfDirections", params.IntParam, default=4000, label="Number of projection directions",
                       help="Reference projection directions over the asymmetric unit. 4000 gives a step of "
                            "about 3.2 degrees in C1; the search time grows about in proportion.")
@@ -199,6 +210,9 @@ class ProtPrimeRefine3D(ProtRefine3D):
             arguments.append(f"--trs {self.originRange.get()}")
         if not self.refineBetweenGridPoints.get():
             arguments.append("--no_subgrid")
+        arguments.append(f"--search {self.getEnumText('searchMode')}")
+        if not self.noiseModel.get():
+            arguments.append("--no_noise_model")
         if self.solventMask.get() is not None:
             arguments.append(f"--solvent_mask {quote(convert.stack_path(self.solventMask.get().getFileName()))}")
         return " ".join(arguments)
@@ -231,9 +245,8 @@ class ProtPrimeRefine3D(ProtRefine3D):
         fraction = self.updateFraction.get()
         if not 0 < fraction <= 1:
             errors.append("The update fraction must be in (0, 1].")
-        elif self.maxIterations.get() * fraction < 1 - 1e-9:
-            errors.append(f"With update fraction {fraction:g}, {self.maxIterations.get()} iterations never search "
-                          f"every particle: use at least {math.ceil(1 / fraction - 1e-9)} iterations.")
+        if self.maxIterations.get() < 1:
+            errors.append("At least one iteration is needed.")
         if not self.weightSoftness.get() > 0:
             errors.append("The softness of the orientation weights must be positive.")
         try:

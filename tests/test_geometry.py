@@ -15,6 +15,7 @@ from prime_plugin.core.geometry import (
     euler_to_matrix,
     matrix_to_euler,
     projection_direction,
+    rotation_angles_deg,
 )
 
 BOX = 64
@@ -139,6 +140,21 @@ def test_trigonometry_never_sees_strided_views(monkeypatch):
     direction_to_angles(directions)
     ctf_terms(CtfParams(*ctf.T))
     assert calls == []
+
+
+def test_rotation_angle_is_the_angle_about_the_axis_and_ignores_symmetry_mates():
+    """Analytical case: b = R(axis, theta) a is theta degrees from a; over D2's mates, a @ mate is 0 away."""
+    from prime_plugin.core.symmetry import rotation_about_axis, symmetry_operators
+
+    rng = np.random.default_rng(7)
+    a = euler_to_matrix(*random_angles(50, seed=8))
+    theta = rng.uniform(0, 180, 50)
+    b = np.stack([rotation_about_axis(axis, t) @ m for axis, t, m in zip(rng.normal(size=(50, 3)), theta, a)])
+    np.testing.assert_allclose(rotation_angles_deg(a, b), theta, atol=1e-6)
+    mates = symmetry_operators("D2")
+    shuffled = np.einsum("nij,njk->nik", a, mates[rng.integers(0, 4, 50)])
+    np.testing.assert_allclose(rotation_angles_deg(a, shuffled, mates), 0.0, atol=1e-5)
+    assert (rotation_angles_deg(a, shuffled)[np.any(np.abs(shuffled - a) > 1e-9, axis=(1, 2))] > 90).all()
 
 
 def test_matrix_to_euler_rejects_wrong_shape():

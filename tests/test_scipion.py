@@ -285,7 +285,8 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
 
     changed = {"symmetryGroup": "D2", "initialLowPass": 30.0, "updateFraction": 0.5, "numberOfDirections": 500,
                "maxIterations": 7, "originRange": 3.0, "numberOfPeaks": 2, "weightSoftness": 0.05,
-               "refineBetweenGridPoints": False, "randomSeed": 11, "numberOfThreads": 1, "particleDiameter": 250}
+               "refineBetweenGridPoints": False, "randomSeed": 11, "numberOfThreads": 1, "particleDiameter": 250,
+               "searchMode": 1, "noiseModel": False}
     for form in ({}, changed):
         prot = project.newProtocol(ProtPrimeRefine3D, **form)
         prot.inputParticles.set(particles.outputParticles)
@@ -295,7 +296,9 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
         argv = shlex.split(prot._refineArguments())
         engine = parameters_from_args(build_parser().parse_args(argv))
         expected = {"symmetry": form.get("symmetryGroup", "C1"), "ini_high_A": form.get("initialLowPass", 40.0),
-                    "update_fraction": form.get("updateFraction", 0.1),
+                    "update_fraction": form.get("updateFraction", defaults.update_fraction),
+                    "search_mode": ["greedy", "shc"][form.get("searchMode", 0)],
+                    "noise_model": form.get("noiseModel", defaults.noise_model),
                     "n_space": form.get("numberOfDirections", 4000), "max_iter": form.get("maxIterations", 30),
                     "trs_px": form.get("originRange", defaults.trs_px), "n_peaks": form.get("numberOfPeaks", 3),
                     "sigma": form.get("weightSoftness", defaults.sigma),

@@ -23,7 +23,7 @@ def main(args):
     import numpy as np
 
     from prime_plugin.core.errors import PrimeInputError
-    from prime_plugin.core.geometry import euler_to_matrix
+    from prime_plugin.core.geometry import euler_to_matrix, rotation_angles_deg
     from prime_plugin.core.mrc import read_volume
     from prime_plugin.core.refine import RefineParameters, refine
     from prime_plugin.core.simulate import simulate_particles
@@ -55,7 +55,8 @@ def main(args):
     result = refine(params, prepared=lambda: _start_log(out / "Refine", False), on_iteration=lambda f: print(
         f"   iteration {f['iteration']:2d}: {f['resolution_A']:5.1f} A, {100 * f['fraction_visited']:3.0f}% of "
         f"the directions visited, {f['seconds']:.0f} s", file=sys.stderr))
-    errors = _angular_errors(truth.angles_deg, result.state.angles_deg, symmetry_operators("D2"), euler_to_matrix)
+    errors = rotation_angles_deg(euler_to_matrix(*truth.angles_deg.T), euler_to_matrix(*result.state.angles_deg.T),
+                                 symmetry_operators("D2"))
     print(f"Done: gold-standard resolution {result.resolution_A:.1f} A (Nyquist {2 * pixel_size_A:.1f} A), median "
           f"orientation error against the simulated truth {np.median(errors):.1f} degrees.")
     print(f"Look at: {out / 'Refine' / 'run_class001.mrc'} (the map, e.g. in ChimeraX), "
@@ -63,13 +64,3 @@ def main(args):
           f"{out / 'Refine' / 'angdist.png'} and {out / 'Refine' / 'convergence.png'} (plots), "
           f"{out / 'Refine' / 'run.log'}.")
     return 0
-
-
-def _angular_errors(true_deg, found_deg, operators, euler_to_matrix):
-    """Smallest rotation angle (deg) between the true and the found orientation over the symmetry mates."""
-    import numpy as np
-
-    a = euler_to_matrix(*true_deg.T)
-    b = euler_to_matrix(*found_deg.T)
-    traces = np.einsum("nij,sjk,nik->ns", a, operators, b)  # trace(A R B^T) for every mate R
-    return np.degrees(np.arccos(np.clip((traces.max(axis=1) - 1) / 2, -1, 1)))

@@ -2,10 +2,12 @@
 
 Give the particles (a RELION 3.0 or 3.1 STAR file with CTF parameters) and a starting
 map; the particles are split into two half-sets (rlnRandomSubset, or a seeded random
-split that is written out), each refined against its own half map. Each iteration
-searches a fraction of the particles (--update_frac, incremental learning), limits the
-alignment to the resolution where the half maps still agree (FSC 0.5), and stops when
-the orientations no longer change or at --max_iter.
+split that is written out), each refined against its own half map. The first iteration
+searches every particle; each later one searches a fraction of them (--update_frac,
+incremental learning) against its half map without their own previous contribution. The
+correlation weighs each Fourier ring by the noise power of the particle's micrograph. The
+alignment is limited to the resolution where the half maps still agree, and the run stops
+when the orientations and the resolution no longer change, or at --max_iter.
 
 Outputs in --o, named as RELION's Refine3D job names them: run_data.star,
 run_half1_class001_unfil.mrc, run_half2_class001_unfil.mrc, run_class001.mrc,
@@ -44,9 +46,18 @@ def add_args(parser):
     model.add_argument("--angpix", type=float, default=None, metavar="A",
                        help="pixel size in Angstrom, for RELION 3.0 files that give none")
     search = parser.add_argument_group("search")
-    search.add_argument("--update_frac", type=float, default=0.1, metavar="F",
-                        help="fraction of the particles searched per iteration, 0 < F <= 1 (default 0.1; "
-                             "1 = classic batch refinement)")
+    search.add_argument("--update_frac", type=float, default=0.2, metavar="F",
+                        help="fraction of the particles searched per iteration after the first, which searches "
+                             "them all, 0 < F <= 1 (default 0.2; 1 = classic batch refinement)")
+    search.add_argument("--search", default="greedy", choices=["greedy", "shc"],
+                        help="greedy (default): every search scores a coarse grid of directions, as fine as "
+                             "the current resolution needs, at every origin offset, then climbs to the best "
+                             "neighbouring direction; shc: stochastic hill climbing from the previous "
+                             "orientation (PRIME's original: faster, but on real particles it leaves more of "
+                             "them in wrong orientations, see benchmarks/RESULTS.md)")
+    search.add_argument("--no_noise_model", action="store_true",
+                        help="correlate without weighting each Fourier ring by the noise power of the "
+                             "particle's micrograph (estimated from the data); by default the weighting is on")
     search.add_argument("--nspace", type=int, default=4000, metavar="N",
                         help="projection directions in the asymmetric unit (default 4000, ~3.2 degrees apart in C1; "
                              "the search time grows about in proportion)")
@@ -90,7 +101,8 @@ def parameters_from_args(args):
                             ini_high_A=args.ini_high, update_fraction=args.update_frac, n_space=args.nspace,
                             trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter,
                             threads=args.j, solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
-                            scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid)
+                            scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid,
+                            search_mode=args.search, noise_model=not args.no_noise_model)
 
 
 def main(args):
