@@ -71,6 +71,7 @@ class RefineParameters:
     cluster : ``"local:N"``, N Dask worker processes started on this computer, 1 thread each.
     Both need the optional ``dask`` extra. The backends agree to float32 rounding of the sums,
     which only rarely tips a particle's search another way (:mod:`~prime_plugin.core.execution`).
+    ctf : correct for the CTF (the particles must carry defocus); False refines without CTF correction.
     """
 
     particles: str
@@ -95,6 +96,7 @@ class RefineParameters:
     scheduler: str = None
     cluster: str = None
     subgrid: bool = True
+    ctf: bool = True
 
 
 @dataclass
