@@ -24,7 +24,6 @@ half's partial sums; the state is updated here from the tasks' outputs.
 """
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from prime_plugin.core.refine_setup import prepare
 from prime_plugin.core.refine_state import RefineState, select_update_set
 from prime_plugin.core.refine_tasks import (InsertChunk, InsertionSettings, SearchChunk, SearchSettings, insert_chunk,
                                             search_chunk)
+from prime_plugin.core.run_folder import begin_run
 from prime_plugin.core.search import PolarReferences
 from prime_plugin.core.star_reconstruction import combined_fsc
 
@@ -124,6 +124,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
     setup = prepare(params)
     out = Path(params.output_dir)
     with make_backend(params.scheduler, params.cluster) as backend, thread_limit(params.threads), setup.images:
+        begin_run(params, resume)  # checks a continuation's inputs, or clears an earlier run's files
         if prepared is not None:
             prepared()
         for note in setup.notes:
@@ -133,7 +134,6 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             state = RefineState.load(out / CHECKPOINTS)
             log.info(f"Continuing after iteration {state.iteration}.")
         else:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             state = RefineState.start(setup.half, np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
                                       params.n_peaks, setup.initial_ring_limit, setup.box)
         maps = _current_maps(state, setup)
