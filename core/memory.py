@@ -17,6 +17,7 @@ The estimates are models of the engine's largest arrays, calibrated on measured 
   and the reconstructions' grids); plus about 2 KB a particle.
 - Resampling a reference by Fourier cropping or padding: 32 bytes a voxel of the grid at
   the new pixel size (complex64 spectra and their transforms, one axis at a time).
+- Simulating images: the projector's grid, 64 bytes per voxel of the box, and a chunk of images.
 
 Available memory: ``MemAvailable`` of /proc/meminfo (what can be had without swapping),
 lowered to what a cgroup limit (containers, batch schedulers) leaves, else the free pages
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from prime_plugin.core.errors import PrimeInputError
 
-__all__ = ["available_bytes", "sums_bytes", "refine_bytes", "reconstruct_bytes", "resample_bytes", "require"]
+__all__ = ["available_bytes", "sums_bytes", "refine_bytes", "reconstruct_bytes", "simulate_bytes", "resample_bytes",
+           "require"]
 
 BASELINE_BYTES = 250 * 2**20  # Python, numpy, scipy, numba and their caches, measured at start
 PER_PARTICLE_BYTES = 2048  # the STAR table, the refinement state and the output tables
@@ -73,6 +75,13 @@ def reconstruct_bytes(box, n_particles, chunk_size=128):
     return {"Fourier grids": SUMS_SETS_RECONSTRUCTING * sums_bytes(box),
             "particles": (n_particles * PER_PARTICLE_BYTES // 2
                           + min(chunk_size, n_particles) * box * box * 4 * IMAGE_COPIES),
+            "program": BASELINE_BYTES}
+
+
+def simulate_bytes(box, chunk_images):
+    """Estimated peak bytes of simulating images of ``box`` px, ``chunk_images`` at a time, as {what: bytes}:
+    the projector's padded Fourier grid (a float32 volume and its transform at twice the box) and the chunk."""
+    return {"projector": 64 * float(box) ** 3, "images": chunk_images * box * box * 4 * IMAGE_COPIES,
             "program": BASELINE_BYTES}
 
 

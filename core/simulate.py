@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prime_plugin.core import memory
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.core.validation import RANGES, check_output_folder
 
@@ -232,8 +233,10 @@ def simulate_particles(volume, pixel_size_A, n, out_dir, box=None, snr=None, see
     optics, particles = particle_tables(n, box, pixel_size_A, angles, origins, defocus, voltage_kV, cs_mm,
                                         amplitude_contrast)
 
-    projector = FourierProjector(crop_or_pad(volume, box) if box != volume.shape[0] else volume)
     chunk = max(1, min(int(chunk_size), _CHUNK_FLOATS // (box * box)))
+    memory.require(memory.simulate_bytes(max(box, volume.shape[0]), chunk), f"simulating images of box {box}",
+                   "simulate a smaller box")
+    projector = FourierProjector(crop_or_pad(volume, box) if box != volume.shape[0] else volume)
     clean = partial(_clean_images, projector, particles, optics)  # (start, stop) -> clean images
     scale, clean_variance = 1.0, float("nan")
     if snr is not None:

@@ -392,6 +392,11 @@ CASES = [
          ("voltage",)),
     Case("simulate a blank map", map_file("blank.mrc", np.zeros((BOX,) * 3)),
          ["simulate", "--map", "blank.mrc", "--n", "5", "--o", "sim"], ("blank.mrc", "blank")),
+    Case("simulate at 0.001 A/px", None,
+         ["simulate", "--map", REF, "--n", "5", "--o", "sim", "--rescale_angpix", "0.001"],
+         (REF, "resampling the map", "memory")),
+    Case("simulate a box of 100000", None, ["simulate", "--map", REF, "--n", "5", "--o", "sim", "--box", "100000"],
+         ("box 100000", "memory")),
     # Outputs.
     Case("--o in a missing folder", None, ["reconstruct", "--i", STAR, "--o", "no/such/map.mrc"],
          ("no/such/map.mrc", "No such file or directory")),

@@ -52,6 +52,7 @@ def add_args(parser):
 def main(args):
     from tqdm import tqdm
 
+    from prime_plugin.core import memory
     from prime_plugin.core.errors import PrimeInputError
     from prime_plugin.core.mrc import read_volume
     from prime_plugin.core.resample import resample_volume
@@ -72,6 +73,10 @@ def main(args):
     if not pixel_A > 0:
         raise PrimeInputError("the map header gives no pixel size: give --angpix", args.map)
     if args.rescale_angpix is not None:
+        if args.rescale_angpix > 0:
+            memory.require({"resampling": memory.resample_bytes(volume.shape[0], pixel_A, args.rescale_angpix)},
+                           f"resampling the map from {pixel_A:g} to {args.rescale_angpix:g} A/px",
+                           "choose a larger --rescale_angpix", args.map)
         volume, pixel_A = resample_volume(volume, pixel_A, new_pixel_size_A=args.rescale_angpix)
     defocus = None if args.defocus is None else tuple(args.defocus)
     with tqdm(total=args.n, unit="image", file=sys.stderr, disable=args.n < 1000, leave=False) as bar:
