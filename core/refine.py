@@ -116,7 +116,8 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
     on_iteration(figures) : called after each iteration with its figures (a dict).
     progress(state, figures) : the same, with the state (for progress bars).
-    prepared() : called once the inputs are checked and the backend is ready, before anything is written.
+    prepared() : called once the inputs are checked, the backend is ready and the folder prepared
+    (:func:`~prime_plugin.core.run_folder.begin_run`), before any result is written.
     The Dask backend, when asked for, is closed at the end, also on an error or an interruption.
     """
     from prime_plugin.core import refine_outputs as outputs

@@ -79,6 +79,8 @@ def check_particle_values(table):
                 value = values[bad[0]]
                 expected = ("not a finite number" if not np.isfinite(value) or not np.isfinite(high)
                             else f"outside {low:g}..{high:g}{' ' + unit if unit else ''}")
+                if table.converted_from_30 and column.endswith("Angst"):  # the file's origins are in pixels
+                    column, value, unit = column[:-len("Angst")], value / table.pixel_size_A[bad[0]], "px"
                 raise PrimeInputError(f"{_row_label(table, block, bad[0])}: {column} is {value:g}"
                                       f"{' ' + unit if unit else ''}, {expected}", table.source)
     if "rlnImageSize" in table.optics.columns:  # the box the file declares (the stacks' is checked with them)
