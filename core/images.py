@@ -18,6 +18,7 @@ itself.
 
 import mmap
 import os
+import warnings
 from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import mrcfile
 import numpy as np
 
 from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.mrc import BYTES_PER_VOXEL, check_real_mode, mrc_header
 
 
 def split_image_name(name, star_path=None):
@@ -65,28 +67,30 @@ def resolve_image_path(stack, star_path=None):
     return None
 
 
-# Bytes per voxel of the MRC modes the engine reads (int8, int16, float32, complex64, uint16, float16).
-_BYTES_PER_VOXEL = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}
-
-
 def stack_shape(path):
     """(n_images, ny, nx) of an MRC image or stack, from its header only."""
+    header = mrc_header(path, "image stack")
+    check_real_mode(header, path, "image")
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    if nx < 1 or ny < 1:
+        raise PrimeInputError(f"not an MRC image stack (images of {nx} x {ny} pixels)", path)
     try:
-        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
-            header = mrc.header
-            nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
-            if header.map is None or header.map.tobytes()[:3] != b"MAP":
-                raise ValueError("no MAP signature")
-            mode, extended = int(header.mode), int(header.nsymbt)
         size = Path(path).stat().st_size
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
         raise PrimeInputError(f"not an MRC image stack ({exc})", path) from None
-    if mode in _BYTES_PER_VOXEL:
-        expected = 1024 + extended + nx * ny * max(nz, 1) * _BYTES_PER_VOXEL[mode]
-        if size < expected:
-            raise PrimeInputError(f"truncated: {size} bytes where the header announces {max(nz, 1)} images of "
-                                  f"{nx} x {ny} ({expected} bytes)", path)
+    expected = 1024 + int(header.nsymbt) + nx * ny * max(nz, 1) * BYTES_PER_VOXEL[int(header.mode)]
+    if size < expected:
+        raise PrimeInputError(f"truncated: {size} bytes where the header announces {max(nz, 1)} images of "
+                              f"{nx} x {ny} ({expected} bytes)", path)
     return max(nz, 1), ny, nx
+
+
+def _open_stack(path):
+    """mrcfile's memory map of a stack whose header was checked (:func:`stack_shape`); its remarks on
+    unusual but readable headers (machine stamp...) are not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mrcfile.mmap(path, mode="r", permissive=True)
 
 
 def _release_pages(data):
@@ -142,7 +146,7 @@ class ImageRows:
             def stack_data(sid):
                 path = self.stack_paths[sid]
                 try:
-                    mrc = opened.enter_context(mrcfile.mmap(path, mode="r", permissive=True))
+                    mrc = opened.enter_context(_open_stack(path))
                 except (OSError, ValueError) as exc:
                     raise PrimeInputError(f"cannot read this image stack here ({exc}); every process of the run "
                                           f"must see the images under the same path", path) from None
@@ -244,7 +248,7 @@ class ParticleImages:
         if len(self._open) >= self._max_open:
             _, oldest = self._open.popitem(last=False)
             oldest.close()
-        mrc = mrcfile.mmap(self.stack_paths[sid], mode="r", permissive=True)
+        mrc = _open_stack(self.stack_paths[sid])
         self._open[sid] = mrc
         return mrc.data
 

@@ -6,6 +6,7 @@ x, y, z, space group 1, statistics in the header) so that ChimeraX places them
 where RELION's own maps go; the file appears atomically (temporary name, rename).
 """
 
+import warnings
 from pathlib import Path
 
 import mrcfile
@@ -13,6 +14,36 @@ import numpy as np
 
 from prime_plugin.core.atomic_files import atomic_output
 from prime_plugin.core.errors import PrimeInputError
+
+
+# Bytes per pixel of the MRC modes of real-valued images (int8, int16, float32, uint16, float16).
+BYTES_PER_VOXEL = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+_MODE_NAMES = {3: "complex int16", 4: "complex float32", 101: "4-bit"}
+
+
+def mrc_header(path, what):
+    """mrcfile's header of ``path`` read permissively, its warnings kept out of the output; PrimeInputError
+    ("not an MRC ``what``", with the first warning as the reason) when the file is not one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header.copy()
+        except (ValueError, OSError) as exc:
+            raise PrimeInputError(f"not an MRC {what} ({exc})", path) from None
+    if header.map is None or header.map.tobytes()[:3] != b"MAP":
+        reason = str(caught[0].message) if caught else "no MAP signature"
+        raise PrimeInputError(f"not an MRC {what} ({reason})", path)
+    return header
+
+
+def check_real_mode(header, path, what):
+    """Refuse an MRC mode that does not hold real numbers (complex, 4-bit or unknown modes)."""
+    mode = int(header.mode)
+    if mode not in BYTES_PER_VOXEL:
+        kind = _MODE_NAMES.get(mode, "unknown")
+        raise PrimeInputError(f"MRC mode {mode} ({kind}) is not a mode of real-valued {what}s; "
+                              "modes 0, 1, 2, 6 and 12 are read", path)
 
 
 def read_volume(path, expected_box=None):
@@ -33,12 +64,15 @@ def read_volume(path, expected_box=None):
     path = Path(path)
     if not path.is_file():
         raise PrimeInputError("file not found", path)
+    check_real_mode(mrc_header(path, "volume"), path, "map")
     try:
-        with mrcfile.open(path, mode="r", permissive=True) as mrc:
-            if mrc.data is None:
-                raise ValueError("no data")
-            volume = np.asarray(mrc.data, dtype=np.float32).copy()
-            voxel_size_A = float(mrc.voxel_size.x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the header is known good; mrcfile's remarks are not for the user
+            with mrcfile.open(path, mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    raise ValueError("no data")
+                volume = np.asarray(mrc.data, dtype=np.float32).copy()
+                voxel_size_A = float(mrc.voxel_size.x)
     except (ValueError, OSError) as exc:
         raise PrimeInputError(f"not an MRC volume ({exc})", path) from None
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
@@ -48,6 +82,8 @@ def read_volume(path, expected_box=None):
             f"map box {volume.shape[0]} differs from the particles' box {expected_box}", path)
     if not np.isfinite(volume).all():
         raise PrimeInputError("map holds NaN or infinite voxels", path)
+    if not np.isfinite(voxel_size_A) or voxel_size_A < 0:
+        raise PrimeInputError(f"the header's pixel size is {voxel_size_A:g} A, not a positive number", path)
     return volume, voxel_size_A
 
 

@@ -13,14 +13,12 @@ gridding-corrected, optionally masked. Symmetry: every symmetry mate of each
 orientation is inserted (A R for each operator R).
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.fft
 
+from prime_plugin.core.atomic_files import atomic_output
 from prime_plugin.core.ctf import CTF_TERMS, CtfParams, ctf_terms
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.core.fourier import fft_workers
@@ -81,16 +79,8 @@ class FourierSums:
 
     def save(self, path):
         """Save to ``path`` (.npz) atomically."""
-        path = Path(path)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
-        os.close(handle)
-        try:
-            np.savez(temporary, U=self.U, rho=self.rho, box=self.box, padding=self.padding)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        with atomic_output(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, U=self.U, rho=self.rho, box=self.box, padding=self.padding)
 
     @classmethod
     def load(cls, path):
@@ -190,6 +180,8 @@ class Backprojector:
         if data.ndim != 2 or data.shape[1] != len(self.kx) or ctf2.shape != data.shape:
             raise ValueError(f"data and ctf2 must have shape (n, {len(self.kx)}), got {data.shape}, {ctf2.shape}")
         rotations = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
+        if not np.isfinite(rotations).all():  # the kernels index the grid with them
+            raise ValueError("rotations must be finite")
         k = len(rotations)
         image_of = np.arange(k, dtype=np.int64) if image_of is None else np.asarray(image_of, np.int64).ravel()
         weights = np.ones(k, np.float32) if weights is None else np.asarray(weights, np.float32).ravel()

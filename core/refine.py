@@ -24,7 +24,6 @@ half's partial sums; the state is updated here from the tasks' outputs.
 """
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from prime_plugin.core.refine_setup import prepare
 from prime_plugin.core.refine_state import RefineState, select_update_set
 from prime_plugin.core.refine_tasks import (MASK_EDGE_PX, InsertChunk, InsertionSettings, SearchChunk, SearchSettings,
                                             insert_chunk, search_chunk)
+from prime_plugin.core.run_folder import begin_run
 from prime_plugin.core.search import PolarReferences
 from prime_plugin.core.star_reconstruction import combined_fsc
 
@@ -76,6 +76,7 @@ class RefineParameters:
     cluster : ``"local:N"``, N Dask worker processes started on this computer, 1 thread each.
     Both need the optional ``dask`` extra. The backends agree to float32 rounding of the sums,
     which only rarely tips a particle's search another way (:mod:`~prime_plugin.core.execution`).
+    ctf : correct for the CTF (the particles must carry defocus); False refines without CTF correction.
     """
 
     particles: str
@@ -103,6 +104,7 @@ class RefineParameters:
     noise_model: bool = True
     search_mode: str = "greedy"
     scale_weighting: bool = False
+    ctf: bool = True
 
 
 @dataclass
@@ -122,7 +124,8 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
 
     on_iteration(figures) : called after each iteration with its figures (a dict).
     progress(state, figures) : the same, with the state (for progress bars).
-    prepared() : called once the inputs are checked and the backend is ready, before anything is written.
+    prepared() : called once the inputs are checked, the backend is ready and the folder prepared
+    (:func:`~prime_plugin.core.run_folder.begin_run`), before any result is written.
     The Dask backend, when asked for, is closed at the end, also on an error or an interruption.
     """
     from prime_plugin.core import refine_outputs as outputs
@@ -130,6 +133,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
     setup = prepare(params)
     out = Path(params.output_dir)
     with make_backend(params.scheduler, params.cluster) as backend, thread_limit(params.threads), setup.images:
+        begin_run(params, resume)  # checks a continuation's inputs, or clears an earlier run's files
         if prepared is not None:
             prepared()
         for note in setup.notes:
@@ -139,7 +143,6 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             state = RefineState.load(out / CHECKPOINTS)
             log.info(f"Continuing after iteration {state.iteration}.")
         else:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
             state = RefineState.start(setup.half, np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
                                       params.n_peaks, setup.initial_ring_limit, setup.box)
             if params.noise_model:

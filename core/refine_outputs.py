@@ -5,7 +5,8 @@ run_itNNN_model.star. At the end: run_data.star (every input column kept, the
 refined ones replaced), run_half{1,2}_class001_unfil.mrc, run_class001.mrc (both
 halves, FSC-weighted), run_model.star (FSC table), run_posterior.star (the n_peaks
 orientations of every particle with their weights, which RELION does not give),
-run_convergence.star (the per-iteration figures of run.log as a table), fsc.png, angdist.png, convergence.png. Every file is written atomically.
+run_convergence.star (the per-iteration figures of run.log as a table), fsc.png, angdist.png, convergence.png. Every file is written atomically;
+a map of NaN or zeros is never written (the run stops with PrimeRunError).
 
 Columns added to run_data.star beyond RELION's: rlnPrimeCorrelation, the
 normalised polar correlation of the best orientation (-1..1).
@@ -16,6 +17,7 @@ import pandas as pd
 
 from prime_plugin.core.mrc import write_volume
 from prime_plugin.core.star import ParticleTable, write_particles, write_star_blocks
+from prime_plugin.core.validation import check_result_map
 
 
 def particle_table(setup, state):
@@ -57,6 +59,8 @@ def write_iteration(out, state, setup, maps, curve):
     """The per-iteration files run_itNNN_* (maps, data, model)."""
     from prime_plugin.core.fourier import resolution_at
 
+    for h, volume in enumerate(maps, start=1):
+        check_result_map(volume, f"half map {h} of iteration {state.iteration}")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"run_it{state.iteration:03d}"
     for h, volume in enumerate(maps, start=1):
@@ -89,6 +93,9 @@ def write_final(out, result, params):
 
     setup, state = result.setup, result.state
     apix = setup.pixel_size_A
+    for h, volume in enumerate(result.half_maps, start=1):
+        check_result_map(volume, f"the final half map {h}")
+    check_result_map(result.volume, "the final map")
     for h, volume in enumerate(result.half_maps, start=1):
         write_volume(out / f"run_half{h}_class001_unfil.mrc", volume, apix)
     write_volume(out / "run_class001.mrc", result.volume, apix)

@@ -10,18 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
+from prime_plugin.core import memory
 from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.directions import coarse_subset, direction_neighbours, directions_for_count
 from prime_plugin.core.errors import PrimeInputError
-from prime_plugin.core.execution import check_backend_choice
+from prime_plugin.core.execution import check_backend_choice, local_worker_count
 from prime_plugin.core.fourier import low_pass, soft_sphere_mask
 from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume
 from prime_plugin.core.noise import noise_groups
 from prime_plugin.core.polar import default_n_rot
 from prime_plugin.core.resample import resample_volume
-from prime_plugin.core.star import common_pixel_size, read_particles
 from prime_plugin.core.symmetry import symmetry_operators
+from prime_plugin.core.validation import (check_finite_parameters, check_output_folder, open_particles, reference_for,
+                                          scan_images)
 
 MIN_PARTICLES_PER_HALF = 10
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
@@ -57,31 +59,40 @@ class RefineSetup:
 
 
 def prepare(params):
-    """Read and check every input of ``params`` (a RefineParameters); raise PrimeInputError on the first problem."""
+    """Read and check every input of ``params`` (a RefineParameters); raise PrimeInputError on the first problem.
+
+    The cheap checks come first (numbers, files, headers, memory), then every image is read once
+    (:func:`~prime_plugin.core.validation.scan_images`), then the reference is resampled if needed.
+    """
     _check_numbers(params)
+    check_output_folder(params.output_dir)
     symmetry_ops = symmetry_operators(params.symmetry)
-    table = read_particles(params.particles, pixel_size_A=params.pixel_size_A)
-    apix = common_pixel_size(table, params.pixel_size_A, params.particles)
-    images = ParticleImages(table)
+    data = open_particles(params.particles, params.pixel_size_A, scan=False)
+    table, images, apix = data.table, data.images, data.pixel_size_A
     box = images.box
     half = _half_sets(table, params)
     notes = [f"{len(table)} particles of {box} px at {apix:g} A/px; half-sets of {(half == 1).sum()} and "
              f"{(half == 2).sum()} ({'rlnRandomSubset' if 'rlnRandomSubset' in table.particles else 'random split'})."]
-    ctf = None
-    if all(c in table.particles.columns for c in CTF_COLUMNS):
-        ctf = CtfParams.from_star(table.particles_with_optics(), params.particles)
-    else:
-        notes.append("The particles carry no defocus: refining without CTF correction.")
+    ctf = _ctf_parameters(params, table, notes)
     mask_radius_px = _mask_radius_px(params, box, apix)
-    reference = _starting_reference(params, box, apix, notes)
-    mask = _solvent_mask(params, box) if params.solvent_mask else soft_sphere_mask(box, mask_radius_px, 4.0)
-    if params.solvent_mask:
-        notes.append("Resolutions: the FSC under the solvent mask, corrected for the mask by phase randomisation "
-                     "(as relion_postprocess).")
+    trs = params.trs_px if params.trs_px is not None else float(np.clip(0.08 * box, 2.0, 8.0))
+    if trs > box / 2:
+        raise PrimeInputError(f"trs_px {trs:g} px reaches beyond half the {box} px box", parameter="trs_px")
+    try:
+        plan = reference_for(params.reference, box, apix)
+        check_refine_memory(params, box, len(table), mask_radius_px, len(symmetry_ops))
+        scan_images(images)
+        reference = _starting_reference(params, plan, box, apix, notes)
+        mask = _solvent_mask(params, box) if params.solvent_mask else soft_sphere_mask(box, mask_radius_px, 4.0)
+        if params.solvent_mask:
+            notes.append("Resolutions: the FSC under the solvent mask, corrected for the mask by phase "
+                         "randomisation (as relion_postprocess).")
+    except BaseException:
+        images.close()
+        raise
     directions, step = directions_for_count(params.symmetry, params.n_space)
     neighbours = direction_neighbours(directions, symmetry_ops)
     ring_limit = int(np.clip(np.floor(box * apix / params.ini_high_A), 3, box // 2 - 2))
-    trs = params.trs_px if params.trs_px is not None else float(np.clip(0.08 * box, 2.0, 8.0))
     shift_step = params.shift_step_px if params.shift_step_px is not None else max(1.0, trs / 2.0)
     return RefineSetup(table, images, apix, box, ctf, half, table.shifts_px, reference, mask, mask_radius_px,
                        symmetry_ops, directions, step, neighbours, coarse_subset(directions, symmetry_ops),
@@ -106,8 +117,43 @@ def _same_image(a, b):
     return int(index_a) == int(index_b) and stack_a == stack_b
 
 
+def _ctf_parameters(params, table, notes):
+    """Per-particle CtfParams, or None when CTF correction is off (asked for: params.ctf False)."""
+    if not params.ctf:
+        notes.append("CTF correction off (asked for): refining without it.")
+        return None
+    missing = [c for c in CTF_COLUMNS if c not in table.particles.columns]
+    if missing:
+        raise PrimeInputError(f"the particles carry no CTF parameters ({', '.join(missing)} missing): add them, or "
+                              "refine without CTF correction (ctf=False)", params.particles, parameter="ctf=False")
+    return CtfParams.from_star(table.particles_with_optics(), params.particles)
+
+
+def check_refine_memory(params, box, n_particles, mask_radius_px, symmetry_order, available=None):
+    """Refuse a refinement that needs more memory than this machine has (:mod:`~prime_plugin.core.memory`),
+    saying how many directions would fit."""
+    available = memory.available_bytes() if available is None else available
+    workers = local_worker_count(params.cluster) if params.cluster else 0
+    n_rot = default_n_rot(mask_radius_px)
+
+    def needed(n_space):
+        return memory.refine_bytes(box, n_particles, n_space, n_rot, symmetry_order, params.chunk_size, workers)
+
+    if available is None or sum(needed(params.n_space).values()) <= available:
+        return
+    low, high = 0, params.n_space  # the most directions that fit: needed() grows with n_space
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if sum(needed(middle).values()) <= available else (low, middle)
+    advice = (f"lower n_space (about {low} fits)" if low >= 100 else
+              "bin the particles to a smaller box, or use a machine with more memory")
+    memory.require(needed(params.n_space), f"the refinement (box {box}, n_space {params.n_space})", advice,
+                   parameter="n_space", available=available)
+
+
 def _check_numbers(params):
     """Refuse parameters out of range, in the command line's words."""
+    check_finite_parameters(params)
     if not 0 < params.update_fraction <= 1:
         raise PrimeInputError(f"--update_frac must be in (0, 1], got {params.update_fraction:g}")
     if params.max_iter < 1:
@@ -123,6 +169,11 @@ def _check_numbers(params):
         raise PrimeInputError(f"--sigma must be positive, got {params.sigma:g}")
     if params.trs_px is not None and params.trs_px < 0:
         raise PrimeInputError(f"--trs must not be negative, got {params.trs_px:g} px")
+    if params.shift_step_px is not None and not params.shift_step_px > 0:
+        raise PrimeInputError(f"shift_step_px must be positive, got {params.shift_step_px:g} px",
+                              parameter="shift_step_px")
+    if int(params.seed) != params.seed or params.seed < 0:
+        raise PrimeInputError(f"seed must be a whole number >= 0, got {params.seed!r}", parameter="seed")
     if int(params.chunk_size) != params.chunk_size or params.chunk_size < 1:
         raise PrimeInputError(f"chunk_size must be a whole number of particles >= 1, got {params.chunk_size!r}")
     check_backend_choice(params.scheduler, params.cluster)
@@ -145,7 +196,7 @@ def _half_sets(table, params):
 
 
 def _mask_radius_px(params, box, apix):
-    diameter = params.particle_diameter_A if params.particle_diameter_A else 0.9 * box * apix
+    diameter = params.particle_diameter_A if params.particle_diameter_A is not None else 0.9 * box * apix
     if diameter <= 0:
         raise PrimeInputError(f"--particle_diameter must be positive, got {diameter:g} A")
     if diameter > box * apix:
@@ -154,18 +205,13 @@ def _mask_radius_px(params, box, apix):
     return diameter / 2.0 / apix
 
 
-def _starting_reference(params, box, apix, notes):
-    """The reference at the particles' pixel size and box, low-passed to ini_high."""
-    volume, ref_apix = read_volume(params.reference)
-    ref_box = volume.shape[0]
-    if ref_apix <= 0:
-        if volume.shape[0] != box:
-            raise PrimeInputError(f"the reference is {volume.shape[0]} px with no pixel size in its header, the "
-                                  f"particles {box} px: cannot tell how to resample it (set its pixel size)",
-                                  params.reference)
-        notes.append(f"{params.reference}: no pixel size in the header, taking the particles' {apix:g} A.")
-        ref_apix = apix
-    if abs(ref_apix - apix) > 1e-3 * apix or volume.shape[0] != box:
+def _starting_reference(params, plan, box, apix, notes):
+    """The reference (a checked :class:`~prime_plugin.core.validation.ReferencePlan`) at the particles'
+    pixel size and box, low-passed to ini_high."""
+    volume, ref_apix, ref_box = plan.volume, plan.pixel_size_A, plan.volume.shape[0]
+    if plan.note:
+        notes.append(plan.note)
+    if plan.resample:
         try:
             volume, achieved = resample_volume(volume, ref_apix, apix, box)
         except (ValueError, PrimeInputError) as exc:
@@ -182,5 +228,8 @@ def _solvent_mask(params, box):
     mask, _ = read_volume(params.solvent_mask, expected_box=box)
     if mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
         raise PrimeInputError(f"a solvent mask holds values in [0, 1], found {mask.min():g}..{mask.max():g}",
+                              Path(params.solvent_mask))
+    if not mask.max() > 0:
+        raise PrimeInputError("the solvent mask is all zeros: it would mask out the whole map",
                               Path(params.solvent_mask))
     return np.clip(mask, 0.0, 1.0).astype(np.float32)

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prime_plugin.core import memory
 from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.core.validation import RANGES, check_output_folder
 
 __all__ = ["simulate_particles", "SimulatedParticles", "PILOT_SIZE", "STACK_NAME", "STAR_NAME"]
 
@@ -69,6 +71,8 @@ def _check_arguments(volume, pixel_size_A, n, box, snr, seed, max_shift_px, defo
         raise PrimeInputError(f"expected a cubic 3D map, got shape {volume.shape} (z, y, x)")
     if not np.isfinite(volume).all():
         raise PrimeInputError("map holds NaN or infinite voxels")
+    if volume.size and volume.min() == volume.max():
+        raise PrimeInputError(f"the map is blank (every voxel {float(volume.flat[0]):g}): nothing to project")
     if not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
         raise PrimeInputError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A!r}")
     if int(n) != n or n < 1:
@@ -85,9 +89,12 @@ def _check_arguments(volume, pixel_size_A, n, box, snr, seed, max_shift_px, defo
         if not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
             raise PrimeInputError(f"defocus range must be MIN MAX micrometres with 0 <= MIN <= MAX, "
                                   f"got {low:g} {high:g}")
-    if not (voltage_kV > 0 and cs_mm >= 0 and 0 <= amplitude_contrast <= 1):
-        raise PrimeInputError(f"need voltage > 0 kV, Cs >= 0 mm and amplitude contrast in [0, 1], got "
-                              f"{voltage_kV!r} kV, {cs_mm!r} mm, {amplitude_contrast!r}")
+    optics = {"rlnVoltage": voltage_kV, "rlnSphericalAberration": cs_mm, "rlnAmplitudeContrast": amplitude_contrast}
+    if not all(RANGES[c][0] <= value <= RANGES[c][1] for c, value in optics.items()):
+        raise PrimeInputError("need voltage in {0:g}..{1:g} kV, Cs in {2:g}..{3:g} mm and amplitude contrast in "
+                              "[0, 1], got {4!r} kV, {5!r} mm, {6!r}".format(
+                                  *RANGES["rlnVoltage"][:2], *RANGES["rlnSphericalAberration"][:2], voltage_kV,
+                                  cs_mm, amplitude_contrast))
     if int(seed) != seed or seed < 0:
         raise PrimeInputError(f"seed must be a whole number >= 0, got {seed!r}")
     if int(chunk_size) != chunk_size or chunk_size < 1:
@@ -212,6 +219,7 @@ def simulate_particles(volume, pixel_size_A, n, out_dir, box=None, snr=None, see
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrimeInputError("output folder is a file", out_dir)
+    check_output_folder(out_dir)
     existing = [out_dir / name for name in (STAR_NAME, STACK_NAME) if (out_dir / name).exists()]
     if existing and not overwrite:
         raise PrimeInputError(f"{existing[0].name} already exists (choose another folder, or overwrite: --overwrite)",
@@ -225,8 +233,10 @@ def simulate_particles(volume, pixel_size_A, n, out_dir, box=None, snr=None, see
     optics, particles = particle_tables(n, box, pixel_size_A, angles, origins, defocus, voltage_kV, cs_mm,
                                         amplitude_contrast)
 
-    projector = FourierProjector(crop_or_pad(volume, box) if box != volume.shape[0] else volume)
     chunk = max(1, min(int(chunk_size), _CHUNK_FLOATS // (box * box)))
+    memory.require(memory.simulate_bytes(max(box, volume.shape[0]), chunk), f"simulating images of box {box}",
+                   "simulate a smaller box")
+    projector = FourierProjector(crop_or_pad(volume, box) if box != volume.shape[0] else volume)
     clean = partial(_clean_images, projector, particles, optics)  # (start, stop) -> clean images
     scale, clean_variance = 1.0, float("nan")
     if snr is not None:

@@ -129,7 +129,47 @@ def read_star_blocks(path):
         raise PrimeInputError(f"not a readable STAR file ({type(exc).__name__}: {exc})".splitlines()[0], path)
     if not blocks:
         raise PrimeInputError("no data blocks found: not a STAR file", path)
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            _check_loop_shape(block, name, path)
     return dict(blocks)
+
+
+def _check_loop_shape(frame, name, path):
+    """Refuse a loop with a column declared twice, or with rows short of values (a file cut off)."""
+    twice = frame.columns[frame.columns.duplicated()]
+    if len(twice):
+        raise PrimeInputError(f"data_{name} declares the column {twice[0]} twice", path)
+    if len(frame.columns) and frame.iloc[:, -1].isna().any():  # short rows, or literal 'nan' values
+        short = _first_short_row(path, name)
+        if short is not None:
+            row, found = short
+            raise PrimeInputError(f"data_{name} row {row} has {found} of {len(frame.columns)} values: the file is "
+                                  "cut off or the row is incomplete", path)
+
+
+def _first_short_row(path, name):
+    """(1-based row, values found) of the first row of loop ``data_name`` with too few values, or None."""
+    import shlex
+
+    block, labels, row = None, 0, 0
+    with open(path, errors="replace") as handle:
+        for line in handle:
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text.startswith("data_"):
+                block, labels, row = text[5:], 0, 0
+            elif block != name or text == "loop_":
+                continue
+            elif text.startswith("_"):
+                labels += 1
+            elif labels:
+                row += 1
+                values = len(shlex.split(text, comments=True)) if '"' in text or "'" in text else len(text.split())
+                if values < labels:
+                    return row, values
+    return None
 
 
 # pandas < 3 parses CSV floats with a fast routine that can be one unit in the last place off
@@ -177,6 +217,29 @@ def _check_looks_like_star(path):
         raise PrimeInputError("no 'data_' block: not a STAR file", path)
 
 
+# RELION columns the engine reads as numbers (a text value in them is refused, naming the row).
+NUMERIC_COLUMNS = frozenset([
+    "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst", "rlnOriginYAngst",
+    "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+    "rlnPhaseShift", "rlnCtfBfactor", "rlnCtfScalefactor", "rlnMagnification", "rlnDetectorPixelSize",
+    "rlnImagePixelSize", "rlnImageSize", "rlnOpticsGroup", "rlnRandomSubset", "rlnBeamTiltX", "rlnBeamTiltY"])
+
+
+def _numeric_columns(frame, where, path):
+    """``frame`` with its NUMERIC_COLUMNS as numbers; refuses a value that is not one, naming its row."""
+    for column in NUMERIC_COLUMNS.intersection(frame.columns):
+        values = frame[column]
+        if values.dtype.kind in "iufb":
+            continue
+        numbers = pd.to_numeric(values, errors="coerce")
+        bad = np.flatnonzero(numbers.isna().to_numpy() & values.notna().to_numpy())
+        if bad.size:
+            raise PrimeInputError(f"{where} row {bad[0] + 1}: {column} is {str(values.iloc[bad[0]])!r}, "
+                                  "not a number", path)
+        frame = frame.assign(**{column: numbers})
+    return frame
+
+
 def read_particles(path, pixel_size_A=None):
     """Read a RELION 3.0 or 3.1+ particle STAR file into a :class:`ParticleTable`.
 
@@ -185,9 +248,18 @@ def read_particles(path, pixel_size_A=None):
     path : str or Path
     pixel_size_A : float, optional
         Pixel size in Angstrom to use when the file carries none (3.0 files
-        without rlnMagnification/rlnDetectorPixelSize).
+        without rlnMagnification/rlnDetectorPixelSize); where the file gives one,
+        it must agree (no rescaling is done).
+
+    Raises PrimeInputError for a file that is not a particle STAR file, a column
+    declared twice, a row cut short, text in a numeric column, or a pixel size
+    that contradicts ``pixel_size_A``. Values are checked by
+    :func:`prime_plugin.core.validation.check_particle_values`.
     """
     path = Path(path)
+    if pixel_size_A is not None and not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise PrimeInputError(f"pixel_size_A must be a positive number of Angstrom, got {pixel_size_A:g}",
+                              parameter="pixel_size_A")
     blocks = read_star_blocks(path)
     if "particles" in blocks and "optics" in blocks:
         table = _from_31(blocks, path)
@@ -195,7 +267,20 @@ def read_particles(path, pixel_size_A=None):
         table = _from_30(blocks, path, pixel_size_A)
     if len(table) == 0:
         raise PrimeInputError("the particle table is empty", path)
+    if pixel_size_A is not None:
+        _check_requested_pixel_size(table, pixel_size_A, path)
     return table
+
+
+def _check_requested_pixel_size(table, requested_A, path):
+    """Refuse a requested pixel size that differs from the one the file gives."""
+    sizes = table.pixel_size_A
+    differs = np.abs(sizes - requested_A) > PIXEL_SIZE_TOLERANCE * np.abs(sizes)
+    if differs.any():
+        source = ("rlnDetectorPixelSize / rlnMagnification" if table.converted_from_30 else "rlnImagePixelSize")
+        raise PrimeInputError(f"pixel_size_A {requested_A:g} A differs from the images' pixel size "
+                              f"{sizes[differs][0]:g} A ({source}; rescaling is not supported)", path,
+                              parameter="pixel_size_A")
 
 
 def _loop_block(blocks, name, path):
@@ -206,8 +291,8 @@ def _loop_block(blocks, name, path):
 
 
 def _from_31(blocks, path):
-    optics = _loop_block(blocks, "optics", path)
-    particles = _loop_block(blocks, "particles", path)
+    optics = _numeric_columns(_loop_block(blocks, "optics", path), "data_optics", path)
+    particles = _numeric_columns(_loop_block(blocks, "particles", path), "data_particles", path)
     _require(particles, ["rlnImageName", "rlnOpticsGroup"], "data_particles", path)
     _require(optics, ["rlnOpticsGroup", "rlnImagePixelSize"], "data_optics", path)
     unknown = set(particles["rlnOpticsGroup"]) - set(optics["rlnOpticsGroup"])
@@ -234,7 +319,7 @@ def _particle_block_name_30(blocks, path):
 def _from_30(blocks, path, pixel_size_A):
     """Convert a RELION 3.0 particle block to the 3.1 layout as relion_convert_star does."""
     name = _particle_block_name_30(blocks, path)
-    old = _loop_block(blocks, name, path)
+    old = _numeric_columns(_loop_block(blocks, name, path), f"data_{name}", path)
     pixel = _pixel_size_30(old, path, pixel_size_A)
     keys = pd.DataFrame({c: old[c] for c in _OPTICS_COLUMNS_30 if c in old.columns})
     keys["rlnImagePixelSize"] = pixel
@@ -264,16 +349,21 @@ def _from_30(blocks, path, pixel_size_A):
 
 
 def _pixel_size_30(old, path, pixel_size_A):
-    if pixel_size_A is not None:
-        return np.full(len(old), float(pixel_size_A))
+    """Per-particle pixel size (A) of a 3.0 table: from the file when it gives one (a requested
+    size must then agree, checked by the caller), else the requested one."""
     if set(_PIXEL_COLUMNS_30) <= set(old.columns):
         magnification = old["rlnMagnification"].to_numpy(dtype=np.float64)
         detector_um = old["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
-        if np.any(magnification <= 0):
-            raise PrimeInputError("rlnMagnification must be positive", path)
+        for column, values in (("rlnMagnification", magnification), ("rlnDetectorPixelSize", detector_um)):
+            bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+            if bad.size:
+                raise PrimeInputError(f"row {bad[0] + 1}: {column} must be a positive number, got "
+                                      f"{values[bad[0]]:g}", path)
         return detector_um * 1e4 / magnification
     if "rlnImagePixelSize" in old.columns:
         return old["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    if pixel_size_A is not None:
+        return np.full(len(old), float(pixel_size_A))
     raise PrimeInputError(
         "no pixel size: needs data_optics rlnImagePixelSize, or rlnMagnification and "
         "rlnDetectorPixelSize (give --angpix)", path)
@@ -348,6 +438,8 @@ def common_pixel_size(table, requested_A=None, path=None):
     requested_A : a pixel size the user gave (``--angpix``), or None. path : the file named in errors.
     """
     sizes = np.unique(table.pixel_size_A)
+    if not (np.isfinite(sizes).all() and sizes.min() > 0):
+        raise PrimeInputError(f"pixel size must be a positive number of Angstrom, got {sizes.min():g} A", path)
     if np.ptp(sizes) > PIXEL_SIZE_TOLERANCE * sizes.max():
         listed = ", ".join(f"{s:g}" for s in sizes)
         raise PrimeInputError(f"optics groups have different pixel sizes ({listed} A); reconstruct each "

@@ -36,15 +36,15 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from prime_plugin.core import memory
 from prime_plugin.core.ctf import CtfParams
 from prime_plugin.core.errors import PrimeInputError
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix
-from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
-from prime_plugin.core.star import common_pixel_size, read_particles
 from prime_plugin.core.symmetry import symmetry_operators
+from prime_plugin.core.validation import open_particles, scan_images
 
 GOLD_STANDARD_THRESHOLD = 0.143
 CORNER_MASK_EDGE_PX = 3.0
@@ -110,25 +110,28 @@ def reconstruct_particles(star_path, *, ctf=False, symmetry="C1", subset=None, m
     Raises
     ------
     PrimeInputError
-        For a bad subset, symmetry, STAR file, stack, CTF columns or mixed pixel sizes,
-        always before any pixel is inserted (NaN pixels are found as chunks are read).
+        For a bad subset, symmetry, STAR file, value (:mod:`~prime_plugin.core.validation`),
+        stack, image (NaN or blank), CTF columns, mixed pixel sizes or a map too large for
+        this machine's memory, always before any pixel is inserted.
     """
     if subset not in (None, 1, 2):
         raise PrimeInputError(f"--subset must be 1 or 2, got {subset}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if max_resolution_A is not None and not max_resolution_A > 0:
+    if max_resolution_A is not None and not (np.isfinite(max_resolution_A) and max_resolution_A > 0):
         raise PrimeInputError(f"--maxres must be positive, got {max_resolution_A:g} A")
     symmetry_ops = symmetry_operators(symmetry)
-    table = read_particles(star_path, pixel_size_A=pixel_size_A)
+    data = open_particles(star_path, pixel_size_A, scan=False)
+    table, images, apix = data.table, data.images, data.pixel_size_A
     angles_deg = table.angles_deg
     if angles_deg is None:
         raise PrimeInputError("no orientations: rlnAngleRot, rlnAngleTilt and rlnAnglePsi are needed", star_path)
-    apix = common_pixel_size(table, pixel_size_A, star_path)
     ctf_params = CtfParams.from_star(table.particles_with_optics(), star_path) if ctf else None
     half_of = half_sets(table, star_path)
-    images = ParticleImages(table)
+    memory.require(memory.reconstruct_bytes(images.box, len(table), chunk_size), f"reconstructing a map of box "
+                   f"{images.box}", "bin the particles to a smaller box, or use a machine with more memory", star_path)
     with images, thread_limit(threads):
+        scan_images(images)
         box = images.box
         max_radius_px = None if max_resolution_A is None else _max_radius_px(max_resolution_A, box, apix)
         backprojector = Backprojector(box, max_radius_px=max_radius_px,

@@ -16,6 +16,7 @@ from pwem.objects import FSC, SetOfParticles, Volume
 from pwem.protocols import ProtRefine3D
 
 from prime_plugin import convert
+from prime_plugin.core import run_folder
 from prime_plugin.core.star import read_star_blocks
 from prime_plugin.core.symmetry import symmetry_operators
 
@@ -134,8 +135,9 @@ class ProtPrimeRefine3D(ProtRefine3D):
 
     def refineStep(self, arguments):
         out = self._getExtraPath(self.OUTDIR)
-        # A relaunch of an interrupted run continues from its last complete iteration.
-        restart = "--continue" if os.path.isdir(os.path.join(out, ".checkpoint")) else "--force"
+        # A relaunch of an interrupted run continues from its last complete iteration (the engine says
+        # whether there is one); otherwise the run starts anew.
+        restart = "--continue" if run_folder.has_complete_iteration(out) else "--force"
         try:
             self.runJob(self._primeProgram(), f"{arguments} {restart}")
         except Exception as failure:
@@ -213,6 +215,8 @@ class ProtPrimeRefine3D(ProtRefine3D):
         arguments.append(f"--search {self.getEnumText('searchMode')}")
         if not self.noiseModel.get():
             arguments.append("--no_noise_model")
+        if not self.doCTF.get():
+            arguments.append("--no_ctf")
         if self.solventMask.get() is not None:
             arguments.append(f"--solvent_mask {quote(convert.stack_path(self.solventMask.get().getFileName()))}")
         return " ".join(arguments)

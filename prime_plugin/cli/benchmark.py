@@ -25,6 +25,9 @@ def main(args):
     from prime_plugin.core.errors import PrimeInputError
     from prime_plugin.core.throughput import search_benchmark
 
+    for name in ("box", "refs", "particles", "repeats"):
+        if getattr(args, name) < 1:
+            raise PrimeInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.nrot % 2 or args.nrot < 4:
         raise PrimeInputError(f"--nrot must be even and at least 4 (Friedel half rings), got {args.nrot}")
     if args.rings < 1 or args.rings >= args.box // 2:

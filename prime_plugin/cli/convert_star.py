@@ -8,22 +8,26 @@ A 3.1 file is rewritten unchanged in meaning. Every other column and block is ke
 
 from pathlib import Path
 
+from prime_plugin.cli.options import number
 from prime_plugin.core.errors import PrimeInputError
 
 
 def add_args(parser):
     parser.add_argument("--i", required=True, metavar="IN.star", help="input particle STAR file (RELION 3.0 or 3.1+)")
     parser.add_argument("--o", required=True, metavar="OUT.star", help="output STAR file, RELION 3.1 layout")
-    parser.add_argument("--angpix", type=float, default=None, metavar="A",
+    parser.add_argument("--angpix", type=number, default=None, metavar="A",
                         help="pixel size in Angstrom, for 3.0 files that give neither magnification nor pixel size")
 
 
 def main(args):
     from prime_plugin.core.star import read_particles, write_particles
+    from prime_plugin.core.validation import check_output_file, check_particle_values
 
     if Path(args.o).resolve() == Path(args.i).resolve():
         raise PrimeInputError("refusing to overwrite the input; choose another --o", args.o)
     table = read_particles(args.i, pixel_size_A=args.angpix)
+    check_particle_values(table)
+    check_output_file(args.o)
     write_particles(table, args.o)
     groups = len(table.optics)
     origin = "RELION 3.0, converted" if table.converted_from_30 else "RELION 3.1"

@@ -14,7 +14,7 @@ pixel size in its header.
 import sys
 from pathlib import Path
 
-from prime_plugin.core.errors import PrimeInputError
+from prime_plugin.cli.options import number
 
 
 def add_args(parser):
@@ -24,23 +24,31 @@ def add_args(parser):
     parser.add_argument("--ctf", action="store_true", help="correct for the CTF (needs the CTF columns)")
     parser.add_argument("--subset", type=int, default=None, metavar="1|2",
                         help="reconstruct only half-set 1 or 2 (rlnRandomSubset); default both")
-    parser.add_argument("--maxres", type=float, default=None, metavar="A",
+    parser.add_argument("--maxres", type=number, default=None, metavar="A",
                         help="highest resolution to use, in Angstrom (default Nyquist)")
-    parser.add_argument("--angpix", type=float, default=None, metavar="A",
+    parser.add_argument("--angpix", type=number, default=None, metavar="A",
                         help="pixel size in Angstrom for RELION 3.0 files that carry none (must match the images)")
     parser.add_argument("--j", type=int, default=None, metavar="N", help="threads (default all cores)")
 
 
+PARAMETER_NAMES = {"max_resolution_A": "--maxres"}
+
+
 def main(args):
+    from prime_plugin.core.atomic_files import temporary_target
     from prime_plugin.core.mrc import write_volume
     from prime_plugin.core.star_reconstruction import reconstruct_particles
+    from prime_plugin.core.validation import check_output_file, check_result_map
 
     output = Path(args.o)
-    if not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise PrimeInputError("output folder does not exist", output)
+    check_output_file(output)
     result = reconstruct_particles(args.i, ctf=args.ctf, symmetry=args.sym, subset=args.subset,
                                    max_resolution_A=args.maxres, pixel_size_A=args.angpix, threads=args.j,
                                    progress=_Progress() if sys.stderr.isatty() else None)
+    check_result_map(result.volume, f"the map for {output}")
+    for left in output.absolute().parent.glob(f".{output.name}.*"):  # a killed run's temporaries
+        if temporary_target(left.name) == output.name:
+            left.unlink(missing_ok=True)
     write_volume(output, result.volume, result.pixel_size_A)
     halves = "both half-sets" if args.subset is None else f"half-set {args.subset}"
     print(f"{args.o}: {result.volume.shape[0]}^3 map at {result.pixel_size_A:g} A/px from "

@@ -14,13 +14,28 @@ run_half1_class001_unfil.mrc, run_half2_class001_unfil.mrc, run_class001.mrc,
 run_model.star, run_itNNN_* per iteration; plus run_posterior.star (the best
 orientations of every particle with their weights), fsc.png, angdist.png,
 convergence.png and run.log.
+
+--continue checks that the inputs are those the run started with (the STAR file's and
+the maps' contents, and every option that changes the result) and says which differs.
+A run stopped by Ctrl-C or SIGTERM keeps its last complete iteration; a run that fails
+or is stopped before its first complete iteration can simply be run again. --force
+removes every file an earlier run wrote in --o (and only those) before starting.
 """
 
 import logging
 import sys
 from pathlib import Path
 
+from prime_plugin.cli.options import number
+
 RUN_MARKER = "run.log"
+# The engine's parameters (RefineParameters) in this command's words, for its messages.
+PARAMETER_NAMES = {"particles": "--i", "reference": "--ref", "symmetry": "--sym",
+                   "particle_diameter_A": "--particle_diameter", "ini_high_A": "--ini_high",
+                   "solvent_mask": "--solvent_mask", "pixel_size_A": "--angpix", "update_fraction": "--update_frac",
+                   "n_space": "--nspace", "trs_px": "--trs", "n_peaks": "--npeaks", "sigma": "--sigma",
+                   "seed": "--seed", "max_iter": "--max_iter", "threads": "--j", "ctf=False": "--no_ctf"}
+NEGATED_FLAGS = {"subgrid": "--no_subgrid", "ctf": "--no_ctf"}  # RefineParameters booleans set False by a flag
 
 
 def add_args(parser):
@@ -34,19 +49,23 @@ def add_args(parser):
     io.add_argument("--force", action="store_true", help="overwrite a previous run in --o")
     model = parser.add_argument_group("sample")
     model.add_argument("--sym", default="C1", metavar="G", help="point group: C<n>, D<n>, T, O or I (default C1)")
-    model.add_argument("--particle_diameter", type=float, default=None, metavar="A",
+    model.add_argument("--particle_diameter", type=number, default=None, metavar="A",
                        help="particle diameter in Angstrom: sets the circular mask (default 90%% of the box)")
-    model.add_argument("--ini_high", type=float, default=40.0, metavar="A",
+    model.add_argument("--ini_high", type=number, default=40.0, metavar="A",
                        help="low-pass the starting map to this resolution in Angstrom; the first "
                             "iteration aligns up to it (default 40)")
     model.add_argument("--solvent_mask", default=None, metavar="MASK.mrc",
                        help="soft mask (0..1, the particles' box) for the references and the FSC "
                             "(default: a soft sphere of the particle diameter); run.log gives the "
                             "masked and unmasked resolutions")
-    model.add_argument("--angpix", type=float, default=None, metavar="A",
+    model.add_argument("--angpix", type=number, default=None, metavar="A",
                        help="pixel size in Angstrom, for RELION 3.0 files that give none")
+    model.add_argument("--no_ctf", action="store_true",
+                       help="refine without CTF correction (by default the particles must carry CTF parameters: "
+                            "rlnDefocusU, rlnDefocusV, rlnDefocusAngle and the optics' voltage, Cs and "
+                            "amplitude contrast)")
     search = parser.add_argument_group("search")
-    search.add_argument("--update_frac", type=float, default=0.2, metavar="F",
+    search.add_argument("--update_frac", type=number, default=0.2, metavar="F",
                         help="fraction of the particles searched per iteration after the first, which searches "
                              "them all, 0 < F <= 1 (default 0.2; 1 = classic batch refinement)")
     search.add_argument("--search", default="greedy", choices=["greedy", "shc"],
@@ -61,11 +80,11 @@ def add_args(parser):
     search.add_argument("--nspace", type=int, default=4000, metavar="N",
                         help="projection directions in the asymmetric unit (default 4000, ~3.2 degrees apart in C1; "
                              "the search time grows about in proportion)")
-    search.add_argument("--trs", type=float, default=None, metavar="PX",
+    search.add_argument("--trs", type=number, default=None, metavar="PX",
                         help="origin search range in pixels (default 8%% of the box, 2 to 8)")
     search.add_argument("--npeaks", type=int, default=3, metavar="N",
                         help="orientations kept per particle, weighted by their correlation (default 3)")
-    search.add_argument("--sigma", type=float, default=0.02, metavar="S",
+    search.add_argument("--sigma", type=number, default=0.02, metavar="S",
                         help="softness of those weights: orientation j of a particle weighs exp(-(1 - corr_j) / S), "
                              "normalised (default 0.02; smaller trusts the best orientation more)")
     search.add_argument("--no_subgrid", action="store_true",
@@ -102,38 +121,65 @@ def parameters_from_args(args):
                             trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter,
                             threads=args.j, solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
                             scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid,
-                            search_mode=args.search, noise_model=not args.no_noise_model)
+                            search_mode=args.search, noise_model=not args.no_noise_model, ctf=not args.no_ctf)
 
 
 def main(args):
+    from prime_plugin.core import run_folder
     from prime_plugin.core.errors import PrimeInputError
     from prime_plugin.core.refine import refine
+    from prime_plugin.core.run_inputs import InputsDiffer
 
     out = Path(args.o)
     if args.resume and args.force:
         raise PrimeInputError("--continue and --force exclude each other")
-    previous = (out / RUN_MARKER).exists()
-    if previous and not (args.resume or args.force):
+    if args.resume and not run_folder.has_complete_iteration(out):
+        instead = "with --force" if run_folder.holds_run(out) else "without --continue"
+        raise PrimeInputError(f"holds no complete iteration to continue from; run again {instead}", out)
+    if not (args.resume or args.force) and run_folder.holds_run(out):
         raise PrimeInputError("already holds a refinement; use --continue to resume it or --force to overwrite", out)
-    if args.resume and not previous:
-        raise PrimeInputError("holds no refinement to continue", out)
     params = parameters_from_args(args)
     bar = _ProgressBar(args.max_iter)
+    log = []
 
     def prepared():  # the inputs are good: now the log and the bar may appear
-        _start_log(out, args.resume)
+        log.append(_start_log(out, args.resume))
         bar.open()
 
-    result = refine(params, resume=args.resume, progress=bar.update, prepared=prepared)
-    bar.close()
+    try:
+        result = refine(params, resume=args.resume, progress=bar.update, prepared=prepared)
+    except InputsDiffer as differ:
+        raise PrimeInputError(_differs_in_flags(differ, out)) from None
+    except KeyboardInterrupt as stop:
+        stop.hint = ("; the last complete iteration is kept: continue with --continue"
+                     if run_folder.has_complete_iteration(out) and log else "")
+        raise
+    finally:
+        bar.close()
+        for handler in log:
+            logging.getLogger("prime").removeHandler(handler)
+            handler.close()
     print(f"Gold-standard resolution (FSC 0.143): {result.resolution_A:.2f} A after {result.state.iteration} "
           f"iterations. Map: {out / 'run_class001.mrc'}; particles: {out / 'run_data.star'}; "
           f"plots: {out / 'fsc.png'}, {out / 'convergence.png'}.")
     return 0
 
 
+def _differs_in_flags(differ, out):
+    """The engine's refusal to continue with other inputs (run_inputs.InputsDiffer), in this command's options."""
+    from prime_plugin.core.errors import PrimeInputError
+
+    name = differ.parameter
+    if name in NEGATED_FLAGS:
+        now, then = ("given" if value is False else "not given" for value in (differ.given, differ.recorded))
+        difference = f"{NEGATED_FLAGS[name]} is {now} here but was {then} when the run in {out} started"
+    else:
+        difference = PrimeInputError(differ.difference, parameter=name).reworded(PARAMETER_NAMES).problem
+    return f"{difference}; continue it with the same options, or start anew with --force"
+
+
 def _start_log(out, resume):
-    """run.log in the output folder (appended when continuing), one line per iteration."""
+    """run.log in the output folder (appended when continuing), one line per iteration; returns its handler."""
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / RUN_MARKER, mode="a" if resume else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -141,6 +187,7 @@ def _start_log(out, resume):
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     logger.info("prime " + " ".join(sys.argv[1:]))
+    return handler
 
 
 class _ProgressBar:
