@@ -103,7 +103,7 @@ class RefineParameters:
     subgrid: bool = True
     noise_model: bool = True
     search_mode: str = "greedy"
-    scale_weighting: bool = False
+    scale_weighting: bool = True
     ctf: bool = True
 
 
@@ -172,6 +172,8 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             if _converged(state, params, setup):
                 log.info(f"Converged at iteration {state.iteration}.")
                 break
+        if params.scale_weighting:
+            log.info(_weight_summary(state.scale))
         result = _final_maps(state, setup, params, backend)
         outputs.write_final(out, result, params)
     return result
@@ -183,6 +185,18 @@ def _log_line(f):
             f"alignment to {f['ring_limit']} Fourier px, searched {f['updated']} particles, "
             f"visited {100 * f['fraction_visited']:.0f}% of the directions, median orientation change "
             f"{_degrees(f['orientation_change_deg'])}, mean correlation {f['mean_correlation']:.3f}, {f['seconds']:.1f} s")
+
+
+LOW_WEIGHT = 0.25  # the log counts particles inserted with less than this fraction of the median weight
+
+
+def _weight_summary(scale):
+    """A log line on the particles' insertion weights (their contrast scales squared)."""
+    weight = np.asarray(scale, np.float64) ** 2
+    low = int((weight < LOW_WEIGHT * np.median(weight)).sum())
+    return (f"Particle weights (contrast against the reference, squared): {low} of {len(weight)} particles weigh "
+            f"less than {LOW_WEIGHT:g} of the median particle (little contrast: junk, damage or a wrong "
+            f"orientation); none is dropped. Each particle's contrast is rlnPrimeContrast in run_data.star.")
 
 
 def _degrees(value):

@@ -9,7 +9,10 @@ run_convergence.star (the per-iteration figures of run.log as a table), fsc.png,
 a map of NaN or zeros is never written (the run stops with PrimeRunError).
 
 Columns added to run_data.star beyond RELION's: rlnPrimeCorrelation, the
-normalised polar correlation of the best orientation (-1..1).
+normalised (noise-weighted) polar correlation of the best orientation (-1..1), and
+rlnPrimeContrast, the particle's contrast scale against its reference at that orientation
+(least squares; the particle is inserted with weight proportional to its square, so that
+particles of little contrast, junk among them, weigh little).
 """
 
 import numpy as np
@@ -34,6 +37,7 @@ def particle_table(setup, state):
     particles["rlnMaxValueProbDistribution"] = state.peak_weights.max(axis=1)
     particles["rlnNrOfSignificantSamples"] = (state.peak_weights > 0.01).sum(axis=1)
     particles["rlnPrimeCorrelation"] = state.correlation
+    particles["rlnPrimeContrast"] = state.scale
     return ParticleTable(particles, setup.table.optics, setup.table.other_blocks, setup.table.source)
 
 

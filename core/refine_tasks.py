@@ -38,6 +38,7 @@ from prime_plugin.core.pipelines import thread_limit
 SEARCH_RANDOM_STREAM = 3  # the chunks' generators: default_rng([seed, 3, iteration, chunk index])
 MASK_EDGE_PX = 4.0  # soft edge of the circular mask and margin of the background ring
 MIN_PEAK_WEIGHT = 1e-4  # orientations of smaller weight are left out of the reconstruction
+RESEARCH_RADIUS = 1.0  # an exhaustive re-search scores origins within this fraction of trs of the previous one
 
 
 @dataclass
@@ -200,15 +201,19 @@ def search_chunk(chunk, settings):
                                       ring_weights=chunk.ring_weights, transforms=transforms)
         references = settings.references[chunk.half - 1]
         found = ChunkOrientations.empty(chunk.rows, settings.n_peaks)
-        climbing = (chunk.direction >= 0) & (settings.search_mode == "shc")
-        for exhaustive in (True, False):
-            pick = np.flatnonzero(~climbing if exhaustive else climbing)
+        searched = chunk.direction >= 0
+        climbing = searched & (settings.search_mode == "shc")
+        # first searches, exhaustive re-searches (origins near the previous ones), climbs
+        for pick, previous_known, trs_px in ((~searched, False, settings.trs_px),
+                                             (searched & ~climbing, False, RESEARCH_RADIUS * settings.trs_px),
+                                             (climbing, True, settings.trs_px)):
+            pick = np.flatnonzero(pick)
             if pick.size == 0:
                 continue
-            previous = None if exhaustive else (chunk.direction[pick], chunk.psi_index[pick])
+            previous = (chunk.direction[pick], chunk.psi_index[pick]) if previous_known else None
             result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
                                       previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
-                                      trs_px=settings.trs_px, shift_step_px=settings.shift_step_px,
+                                      trs_px=trs_px, shift_step_px=settings.shift_step_px,
                                       neighbours=settings.neighbours, coarse=settings.coarse_directions,
                                       subgrid=settings.subgrid)
             found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)

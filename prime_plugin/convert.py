@@ -30,6 +30,7 @@ MRC_EXTENSIONS = (".mrc", ".mrcs", ".st")
 EXTRA_LABELS = ["rlnCtfBfactor", "rlnCtfScalefactor", "rlnGroupName", "rlnGroupNumber", "rlnRandomSubset"]
 # Refinement figures stored on each output particle: STAR column -> (attribute, type).
 REFINED_ATTRIBUTES = {"rlnPrimeCorrelation": ("_primeCorrelation", Float),
+                      "rlnPrimeContrast": ("_primeContrast", Float),
                       "rlnMaxValueProbDistribution": ("_rlnMaxValueProbDistribution", Float),
                       "rlnRandomSubset": ("_rlnRandomSubset", Integer)}
 

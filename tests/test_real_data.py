@@ -9,9 +9,10 @@ RELION's 2.84 A refinement of the same particles (near-truth), symmetry-aware, i
 the 24 frames that map the D2 axes onto each other (the two maps' axes may be swapped). The full
 comparison with RELION's auto-refine is benchmarks/bench_real.py.
 
-Measured when the test was written (commit message has the figures): the plain correlation with
-stochastic hill climbing placed about half of these particles within 5 degrees; the limits below
-sit well under what the current method reaches and well above that.
+Measured when the test was written, with this test's settings: the default search placed 85% of
+the particles within 5 degrees (median 2.15 degrees, gold-standard 7.57 A); the same run with the
+plain correlation, stochastic hill climbing and unweighted insertion (search_mode="shc",
+noise_model=False, scale_weighting=False) 63% (median 3.62 degrees, 9.71 A). The limits sit between.
 """
 
 import os
@@ -22,7 +23,6 @@ import pandas as pd
 import pytest
 import starfile
 
-from prime_plugin.core.fourier import resolution_at
 from prime_plugin.core.geometry import euler_to_matrix, rotation_angles_deg
 from prime_plugin.core.refine import RefineParameters, refine
 from prime_plugin.core.symmetry import symmetry_operators
@@ -72,7 +72,6 @@ def test_real_particles_are_placed_near_relions_orientations(real_refined):
 
 def test_real_particles_give_a_map_near_relions_resolution(real_refined):
     """RELION's auto-refine of all 1,157 particles (benchmarks/RESULTS.md) reaches 7-8 A at 3.54 A/px;
-    these 428 good ones with our orientations must give a map better than 10 A."""
+    these 428 good ones with our orientations must give a gold-standard map better than 8.5 A."""
     _, _, result = real_refined
-    assert result.resolution_A <= 10.0
-    assert resolution_at(result.fsc, 0.5, 64, 3.54) <= 14.0
+    assert result.resolution_A <= 8.5

@@ -113,6 +113,7 @@ def test_refined_star_back_to_scipion_matches_relion_reader(particle_set, tmp_pa
     convert.particles_to_star(particles, star)
     table = read_particles(star)
     table.particles["rlnPrimeCorrelation"] = np.linspace(0.1, 0.9, N)
+    table.particles["rlnPrimeContrast"] = np.linspace(2.0, 3.0, N)
     table.particles["rlnMaxValueProbDistribution"] = np.linspace(0.5, 1.0, N)
     from prime_plugin.core.star import write_particles
 
@@ -125,6 +126,7 @@ def test_refined_star_back_to_scipion_matches_relion_reader(particle_set, tmp_pa
         np.testing.assert_allclose(particle.getTransform().getMatrix(), theirs[particle.getObjId()], atol=1e-9)
         np.testing.assert_allclose(particle.getTransform().getMatrix(), transforms[k], atol=1e-5)
         assert particle._primeCorrelation.get() == pytest.approx(0.1 + 0.8 * k / (N - 1))
+        assert particle._primeContrast.get() == pytest.approx(2.0 + k / (N - 1))
 
 
 def test_star_reads_identically_with_starfile_emtable_and_ours(particle_set, tmp_path):
