@@ -107,7 +107,8 @@ def timed_run(name, argv, shown, cache, limit_s=None):
     :func:`suspend_run` are left out of it, of ``wall_s`` (``paused_s`` says how much) and of the
     load figures."""
     time_file = cache / f"time_{name}.txt"
-    for old in [time_file, *cache.glob(f"rss_{name}_rank_*")]:
+    # A pause log left by an earlier run of the same name would be subtracted from this one.
+    for old in [time_file, cache / f"{name}.pauses", *cache.glob(f"rss_{name}_rank_*")]:
         old.unlink(missing_ok=True)
     record = {"name": name, "command": shown, "load_before": os.getloadavg()[0], "started": time.time()}
     print(f"[{datetime.datetime.now():%H:%M:%S}] {name}: {shown}", flush=True)

@@ -41,6 +41,7 @@ Scores, computed here from each program's written files in the same way:
     python benchmarks/bench_real.py --cache /tmp/bench_real [--rerun NAME ...] [--no_results]
     python benchmarks/bench_real.py --cache /tmp/bench_real --score DIR [DIR ...]   (score prime output folders)
     python benchmarks/bench_real.py --cache /tmp/bench_real --suspend | --resume     (RELION's run)
+    python benchmarks/bench_real.py --cache /tmp/bench_real --relion_only | --prime_only  (one program's runs)
 
 Prints the table and writes (or replaces) this benchmark's section of benchmarks/RESULTS.md;
 the per-iteration figure goes to benchmarks/real_convergence.png.
@@ -418,6 +419,8 @@ def main(argv=None):
     parser.add_argument("--no_results", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--score", nargs="+", type=Path, metavar="DIR", help="only score these prime output folders")
     parser.add_argument("--relion_only", action="store_true", help="only make the data and run RELION")
+    parser.add_argument("--prime_only", action="store_true",
+                        help="only make the data and run prime (while RELION's run is suspended, say)")
     parser.add_argument("--suspend", action="store_true", help="suspend RELION's running run (logged pause)")
     parser.add_argument("--resume", action="store_true", help="resume RELION's suspended run")
     args = parser.parse_args(argv)
@@ -432,10 +435,13 @@ def main(argv=None):
             print(f"{folder}: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}" for k, v in row.items()
                                             if k not in ("series", "errors", "record")))
         return
-    run_relion(cache, set(args.rerun), args.relion_limit_min)
+    if not args.prime_only:
+        run_relion(cache, set(args.rerun), args.relion_limit_min)
     if args.relion_only:
         return
     records = run_prime(cache, set(args.rerun))
+    if args.prime_only:
+        return
     rows = {name: score_prime(cache, cache / name, records[name]) for name in PRIME_RUNS}
     rows["relion"] = score_relion(cache)
     convergence_figure(rows, FIGURE)

@@ -124,7 +124,6 @@ def read_star_blocks(path):
             blocks = starfile.read(path, always_dict=True)
         else:
             blocks = starfile.read(path, always_dict=True, parse_as_string=_label_names(path))
-            blocks = {name: _exact_numbers(block) for name, block in blocks.items()}
     except Exception as exc:  # starfile/pandas raise many kinds on malformed text
         raise PrimeInputError(f"not a readable STAR file ({type(exc).__name__}: {exc})".splitlines()[0], path)
     if not blocks:
@@ -132,6 +131,8 @@ def read_star_blocks(path):
     for name, block in blocks.items():
         if isinstance(block, pd.DataFrame):
             _check_loop_shape(block, name, path)
+    if not _PANDAS_PARSES_FLOATS_EXACTLY:  # after the shape check: a column declared twice has no single dtype
+        blocks = {name: _exact_numbers(block) for name, block in blocks.items()}
     return dict(blocks)
 
 
@@ -140,7 +141,11 @@ def _check_loop_shape(frame, name, path):
     twice = frame.columns[frame.columns.duplicated()]
     if len(twice):
         raise PrimeInputError(f"data_{name} declares the column {twice[0]} twice", path)
-    if len(frame.columns) and frame.iloc[:, -1].isna().any():  # short rows, or literal 'nan' values
+    last = frame.iloc[:, -1] if len(frame.columns) else pd.Series([], dtype=float)
+    # A short row leaves NaN in the last column (or '' where the file is read as text, pandas < 3);
+    # a literal 'nan' value looks the same, hence the look at the file itself.
+    missing = last.isna() | (last.eq("") if last.dtype == object else False)
+    if missing.any():
         short = _first_short_row(path, name)
         if short is not None:
             row, found = short

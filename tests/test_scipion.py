@@ -249,7 +249,8 @@ def test_validation_names_the_problem(project, imported, particles_without_ctf, 
                                                4.0, "map at 4 A/px"))
     assert "4 A/px but the particles 5 A/px" in errors
     assert "larger than the box" in _validation_errors(project, good_particles, good_volume, particleDiameter=400)
-    assert "at least 10 iterations" in _validation_errors(project, good_particles, good_volume, maxIterations=5)
+    assert "At least one iteration" in _validation_errors(project, good_particles, good_volume, maxIterations=0)
+    assert _validation_errors(project, good_particles, good_volume, maxIterations=1) == ""
     assert "Symmetry 'X3'" in _validation_errors(project, good_particles, good_volume, symmetryGroup="X3")
     assert "must be positive" in _validation_errors(project, good_particles, good_volume, weightSoftness=0.0)
 
