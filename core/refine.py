@@ -52,6 +52,7 @@ log = logging.getLogger("prime.refine")
 CHECKPOINTS = ".checkpoint"
 LATER_FSC_LIMIT = 0.3  # once every particle has been searched, the alignment limit follows this FSC value
 DIP_SHELLS = 3  # the alignment limit is where the FSC stays below its threshold for this many shells
+LOCAL_WINDOW_SIGMAS = 3.0  # a local search's window, in --sigma_ang
 
 
 @dataclass
@@ -77,6 +78,9 @@ class RefineParameters:
     Both need the optional ``dask`` extra. The backends agree to float32 rounding of the sums,
     which only rarely tips a particle's search another way (:mod:`~prime_plugin.core.execution`).
     ctf : correct for the CTF (the particles must carry defocus); False refines without CTF correction.
+    local_sigma_deg : a local refinement (RELION's --sigma_ang, degrees): every search scores only the
+    orientations within LOCAL_WINDOW_SIGMAS times this angle of the particle's input orientation
+    (rlnAngleRot/Tilt/Psi, required) and origins within trs_px of its input origin; None: global searches.
     """
 
     particles: str
@@ -105,6 +109,7 @@ class RefineParameters:
     search_mode: str = "greedy"
     scale_weighting: bool = True
     ctf: bool = True
+    local_sigma_deg: float = None
 
 
 @dataclass
@@ -143,7 +148,9 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             state = RefineState.load(out / CHECKPOINTS)
             log.info(f"Continuing after iteration {state.iteration}.")
         else:
-            state = RefineState.start(setup.half, np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
+            local = params.local_sigma_deg is not None
+            state = RefineState.start(setup.half, setup.input_angles_deg if local else
+                                      np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
                                       params.n_peaks, setup.initial_ring_limit, setup.box)
             if params.noise_model:
                 state.noise = NoiseModel.empty(*setup.noise_groups, setup.box)
@@ -308,11 +315,15 @@ def _search_pass(state, setup, params, grid, rows, curve, backend, first_chunk):
                               _insertion_settings(setup, backend),
                               (setup.symmetry_ops, setup.angular_step_deg) if params.subgrid else None,
                               measure_noise=state.noise is not None, search_mode=params.search_mode,
-                              scale_weighting=params.scale_weighting)
+                              scale_weighting=params.scale_weighting, local_window_deg=_local_window_deg(params))
     rings = grid.rings.astype(np.int64)
-    chunks = [SearchChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+    local = params.local_sigma_deg is not None
+    # a local search stays near the input orientations and origins; the others start from the current ones
+    origins = setup.start_shifts_px if local else state.shift_px
+    chunks = [SearchChunk(index, half, part, setup.images.locate(part), origins[part], _ctf_of(setup, part),
                           state.direction[part], state.psi_index[part],
-                          None if state.noise is None else state.noise.ring_weights(part, rings))
+                          None if state.noise is None else state.noise.ring_weights(part, rings),
+                          setup.input_angles_deg[part] if local else None)
               for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size),
                                                    start=first_chunk)]
     found, new_sums = backend.map_reduce(search_chunk, chunks, settings, [c.half for c in chunks],
@@ -323,6 +334,10 @@ def _search_pass(state, setup, params, grid, rows, curve, backend, first_chunk):
     for h in (1, 2):  # a half with no particle in this pass adds nothing
         state.sums[h - 1] = kept[h - 1] + (new_sums.pop(h) if h in new_sums else FourierSums.zeros(setup.box))
     return found
+
+
+def _local_window_deg(params):
+    return None if params.local_sigma_deg is None else LOCAL_WINDOW_SIGMAS * params.local_sigma_deg
 
 
 OFFSET_PHASE_TOLERANCE = 2.4  # rad: the origin grid's half-diagonal shifts the alignment limit's ring this much

@@ -56,6 +56,7 @@ class RefineSetup:
     notes: list
     noise_groups: tuple
     noise_by_micrograph: bool
+    input_angles_deg: np.ndarray = None
 
 
 def prepare(params):
@@ -70,6 +71,10 @@ def prepare(params):
     data = open_particles(params.particles, params.pixel_size_A, scan=False)
     table, images, apix = data.table, data.images, data.pixel_size_A
     box = images.box
+    input_angles = table.angles_deg
+    if params.local_sigma_deg is not None and input_angles is None:
+        raise PrimeInputError("has no rlnAngleRot, rlnAngleTilt and rlnAnglePsi: a local refinement (--local) "
+                              "starts from the particles' orientations", params.particles)
     half = _half_sets(table, params)
     notes = [f"{len(table)} particles of {box} px at {apix:g} A/px; half-sets of {(half == 1).sum()} and "
              f"{(half == 2).sum()} ({'rlnRandomSubset' if 'rlnRandomSubset' in table.particles else 'random split'})."]
@@ -97,7 +102,8 @@ def prepare(params):
     return RefineSetup(table, images, apix, box, ctf, half, table.shifts_px, reference, mask, mask_radius_px,
                        symmetry_ops, directions, step, neighbours, coarse_subset(directions, symmetry_ops),
                        default_n_rot(mask_radius_px), ring_limit, trs, shift_step, _image_names(table, images, notes),
-                       notes, noise_groups(table), "rlnMicrographName" in table.particles.columns)
+                       notes, noise_groups(table), "rlnMicrographName" in table.particles.columns,
+                       input_angles)
 
 
 def _image_names(table, images, notes):
@@ -174,6 +180,8 @@ def _check_numbers(params):
                               parameter="shift_step_px")
     if int(params.seed) != params.seed or params.seed < 0:
         raise PrimeInputError(f"seed must be a whole number >= 0, got {params.seed!r}", parameter="seed")
+    if params.local_sigma_deg is not None and not params.local_sigma_deg > 0:
+        raise PrimeInputError(f"--sigma_ang must be positive, got {params.local_sigma_deg:g} deg")
     if int(params.chunk_size) != params.chunk_size or params.chunk_size < 1:
         raise PrimeInputError(f"chunk_size must be a whole number of particles >= 1, got {params.chunk_size!r}")
     check_backend_choice(params.scheduler, params.cluster)

@@ -73,6 +73,9 @@ class SearchSettings:
     search_mode : "greedy" (every search exhaustive: the coarse directions at every origin offset, then
     a climb over neighbouring directions) or "shc" (stochastic hill climbing from the previous
     orientation, exhaustive only for particles never searched).
+    local_window_deg : with it, every particle is searched only within this angle of its chunk's
+    centre orientation (SearchChunk.centre_angles_deg) and at origins around the chunk's shifts
+    (:mod:`~prime_plugin.core.local_search`); search_mode is then unused.
     """
 
     references: list
@@ -91,6 +94,7 @@ class SearchSettings:
     measure_noise: bool = False
     search_mode: str = "greedy"
     scale_weighting: bool = False
+    local_window_deg: float = None
 
 
 @dataclass
@@ -114,11 +118,14 @@ class ParticleChunk:
 class SearchChunk(ParticleChunk):
     """A search task's particles: direction, psi_index : int64 (k,) the previous orientation
     (direction -1: never searched); ring_weights : float32 (k, K) each particle's weight of the
-    iteration's rings (1 / noise power, :mod:`~prime_plugin.core.noise`), or None (unweighted)."""
+    iteration's rings (1 / noise power, :mod:`~prime_plugin.core.noise`), or None (unweighted);
+    centre_angles_deg : float64 (k, 3) the orientations a local search stays near (SearchSettings.local_window_deg),
+    or None."""
 
     direction: np.ndarray
     psi_index: np.ndarray
     ring_weights: np.ndarray = None
+    centre_angles_deg: np.ndarray = None
 
 
 @dataclass
@@ -201,21 +208,19 @@ def search_chunk(chunk, settings):
                                       ring_weights=chunk.ring_weights, transforms=transforms)
         references = settings.references[chunk.half - 1]
         found = ChunkOrientations.empty(chunk.rows, settings.n_peaks)
-        searched = chunk.direction >= 0
-        climbing = searched & (settings.search_mode == "shc")
-        # first searches, exhaustive re-searches (origins near the previous ones), climbs
-        for pick, previous_known, trs_px in ((~searched, False, settings.trs_px),
-                                             (searched & ~climbing, False, RESEARCH_RADIUS * settings.trs_px),
-                                             (climbing, True, settings.trs_px)):
+        for pick, previous_known, trs_px in _search_groups(chunk, settings):
             pick = np.flatnonzero(pick)
             if pick.size == 0:
                 continue
             previous = (chunk.direction[pick], chunk.psi_index[pick]) if previous_known else None
+            local = None
+            if settings.local_window_deg is not None:
+                local = (chunk.centre_angles_deg[pick], insertion.symmetry_ops, settings.local_window_deg)
             result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
                                       previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
                                       trs_px=trs_px, shift_step_px=settings.shift_step_px,
                                       neighbours=settings.neighbours, coarse=settings.coarse_directions,
-                                      subgrid=settings.subgrid)
+                                      subgrid=settings.subgrid, local=local)
             found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)
         del particles
         scale, residual = _fit_at_best(transforms, found, chunk.ctf, references, settings.grid,
@@ -227,6 +232,18 @@ def search_chunk(chunk, settings):
         sums = insert_particles(normalised, found.shift_px, chunk.ctf, found.peak_angles_deg, found.peak_weights,
                                 insertion, found.scale if settings.scale_weighting else None)
     return found, sums
+
+
+def _search_groups(chunk, settings):
+    """(particles (bool mask), previous orientation known, origin radius px) of each kind of search:
+    local searches (all particles, when asked for); else first searches, exhaustive re-searches
+    (origins near the previous ones) and stochastic hill climbs."""
+    if settings.local_window_deg is not None:
+        return [(np.ones(len(chunk.rows), bool), False, settings.trs_px)]
+    searched = chunk.direction >= 0
+    climbing = searched & (settings.search_mode == "shc")
+    return [(~searched, False, settings.trs_px), (searched & ~climbing, False, RESEARCH_RADIUS * settings.trs_px),
+            (climbing, True, settings.trs_px)]
 
 
 def _fit_at_best(transforms, found, ctf, references, grid, pixel_size_A, ring_weights):

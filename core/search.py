@@ -20,6 +20,7 @@ import scipy.fft
 from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, paired_curves, particle_operand,
                                          reference_operand, ring_powers, ring_spectra)
 from prime_plugin.core.geometry import euler_to_matrix
+from prime_plugin.core.local_search import local_candidates, local_search
 from prime_plugin.core.pipelines import map_tiles
 from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
@@ -217,8 +218,9 @@ def local_ascent(references, neighbours, spectra, powers, ctf2, peaks, n_rot, ma
 
 def search_particles(references, particles, grid, shifts_px, rng, previous=None, n_peaks=1, sigma=0.005,
                      trs_px=None, shift_step_px=1.0, refine_shifts=True, neighbours=None, coarse=None,
-                     subgrid=None):
-    """Search orientations (SHC from ``previous`` = (direction, psi) arrays, else exhaustive) and shifts.
+                     subgrid=None, local=None):
+    """Search orientations (SHC from ``previous`` = (direction, psi) arrays, local around ``local``'s
+    orientations, else exhaustive) and shifts.
 
     shifts_px : (P, 2) start origins. trs_px : shift search radius (px; None or 0: no shift search).
     The exhaustive search also tries start + offsets on a ``shift_step_px`` grid within trs_px;
@@ -230,9 +232,19 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     subgrid : (symmetry_ops (s, 3, 3), angular_step_deg of the direction grid); with it (and
     ``neighbours``) the best orientation is also refined between the grid points
     (:func:`subgrid.refine_best_orientations`), returned as ``best_angles_deg``.
+    local : (centre_angles_deg (P, 3), symmetry_ops (s, 3, 3), window_deg): score only the grid
+    orientations within window_deg of each particle's centre orientation
+    (:mod:`~prime_plugin.core.local_search`), at the origins of the offset grid, then as above.
     """
     shifts_px = np.asarray(shifts_px, np.float64).reshape(-1, 2)
-    if previous is None:
+    if local is not None:
+        centre_angles_deg, symmetry_ops, window_deg = local
+        candidates, allowed = local_candidates(centre_angles_deg, references.directions_deg, symmetry_ops,
+                                               window_deg, grid.n_rot)
+        offsets = shift_candidates(trs_px, shift_step_px) if refine_shifts else np.zeros((1, 2))
+        peaks, start_shifts, fraction = local_search(references, particles, grid, shifts_px, candidates, allowed,
+                                                     offsets, n_peaks)
+    elif previous is None:
         offsets = shift_candidates(trs_px, shift_step_px) if refine_shifts else None
         peaks, start_shifts, fraction = exhaustive_search(references, particles, grid, shifts_px, n_peaks,
                                                           offsets_px=offsets, directions=coarse)

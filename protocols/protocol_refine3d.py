@@ -57,9 +57,14 @@ class ProtPrimeRefine3D(ProtRefine3D):
                            "box size and pixel size.")
         form.addParam("useInputAlignment", params.BooleanParam, default=False,
                       label="Start from the particles' 3D alignment?",
-                      help="Yes: the particles' current orientations are the starting point and the first "
-                           "iteration searches locally around them. No: the first iteration searches all "
-                           "orientations.")
+                      help="Yes: a local refinement. Every search stays near the particles' current "
+                           "orientation and origin (from an earlier refinement or a classification): much "
+                           "faster, and no particle jumps to an unrelated orientation (prime refine --local). "
+                           "No: global searches over all orientations.")
+        form.addParam("localSigmaAngle", params.FloatParam, default=3.0, condition="useInputAlignment",
+                      label="Angular uncertainty (deg)",
+                      help="The expected error of the input orientations in degrees (RELION's --sigma_ang): "
+                           "the local search scores the orientations within three times this angle.")
         form.addParam("doCTF", params.BooleanParam, default=True, label="CTF correction?",
                       help="Correct for the contrast transfer function (Wiener restoration). Needs particles "
                            "with CTF estimates.")
@@ -213,6 +218,8 @@ class ProtPrimeRefine3D(ProtRefine3D):
         if not self.refineBetweenGridPoints.get():
             arguments.append("--no_subgrid")
         arguments.append(f"--search {self.getEnumText('searchMode')}")
+        if self.useInputAlignment.get():
+            arguments.append(f"--local --sigma_ang {self.localSigmaAngle.get()}")
         if not self.noiseModel.get():
             arguments.append("--no_noise_model")
         if not self.doCTF.get():
@@ -235,6 +242,8 @@ class ProtPrimeRefine3D(ProtRefine3D):
         if self.useInputAlignment.get() and not particles.hasAlignmentProj():
             errors.append("'Start from the particles' 3D alignment?' is Yes but the particles have no 3D "
                           "(projection) alignment.")
+        if self.useInputAlignment.get() and not self.localSigmaAngle.get() > 0:
+            errors.append("The angular uncertainty of a local refinement must be positive.")
         box, volume_box = particles.getXDim(), volume.getXDim()
         if volume_box is not None and box is not None and volume_box != box:
             errors.append(f"The initial volume is {volume_box} px wide but the particles are {box} px: "

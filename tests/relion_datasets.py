@@ -14,7 +14,7 @@ import starfile
 from scipy.spatial.transform import Rotation
 
 from prime_plugin.core.ctf import CtfParams
-from prime_plugin.core.geometry import matrix_to_euler
+from prime_plugin.core.geometry import euler_to_matrix, matrix_to_euler
 
 
 @dataclass
@@ -46,6 +46,18 @@ def random_poses(n, seed, max_shift_px):
     radius = max_shift_px * np.sqrt(rng.uniform(0, 1, n))
     direction = rng.uniform(0, 2 * np.pi, n)
     return angles, np.column_stack([radius * np.cos(direction), radius * np.sin(direction)])
+
+
+def perturbed_poses(angles_deg, origins_px, degrees, shift_px, seed):
+    """Each orientation (n, 3) deg turned by exactly ``degrees`` about a random axis, and each origin
+    (n, 2) px moved by exactly ``shift_px`` in a random direction: the input of a local refinement."""
+    rng = np.random.default_rng(seed)
+    axes = rng.normal(size=(len(angles_deg), 3))
+    axes *= np.radians(degrees) / np.linalg.norm(axes, axis=1, keepdims=True)
+    turned = Rotation.from_rotvec(axes).as_matrix() @ euler_to_matrix(*np.asarray(angles_deg).T)
+    direction = rng.uniform(0, 2 * np.pi, len(angles_deg))
+    moved = np.asarray(origins_px) + shift_px * np.column_stack([np.cos(direction), np.sin(direction)])
+    return np.column_stack(matrix_to_euler(turned)), moved
 
 
 def astigmatic_defocus(n, seed):

@@ -130,6 +130,37 @@ def test_refinement_protocol_finishes_with_correct_outputs(refined, imported):
     assert float(fsc_output.calculateResolution(0.143)) == pytest.approx(resolution, rel=0.1)
 
 
+def _poses_by_id(particles):
+    """{id: (rotation matrix (3, 3), origin px (2,))} of a SetOfParticles with a 3D alignment."""
+    items = list(particles.iterItems(orderBy="id"))
+    rot, tilt, psi, origin_px = pose_from_projection_transform(np.array([p.getTransform().getMatrix() for p in items]))
+    matrices = euler_to_matrix(rot, tilt, psi)
+    return {p.getObjId(): (m, o[:2]) for p, m, o in zip(items, matrices, origin_px)}
+
+
+def test_local_refinement_from_the_input_alignment(project, imported, refined):
+    """A refinement's output particles (they carry a 3D alignment) refined again with 'Start from the
+    particles' 3D alignment?': the run is a local one (prime refine --local), and no orientation
+    leaves its window (3 x the angular uncertainty, plus a grid step) around the input's."""
+    from prime_plugin.core.geometry import rotation_angles_deg
+
+    prot = new_refinement(project, imported, "prime refine, local")
+    prot.inputParticles.set(refined.outputParticles)
+    prot.useInputAlignment.set(True)
+    prot.localSigmaAngle.set(1.5)
+    prot.maxIterations.set(3)
+    project.launchProtocol(prot, wait=True)
+    assert prot.isFinished(), prot.getErrorMessage()
+    assert "--local --sigma_ang 1.5" in prot._refineArguments()
+    before, after = _poses_by_id(refined.outputParticles), _poses_by_id(prot.outputParticles)
+    assert sorted(before) == sorted(after)
+    ids = sorted(before)
+    moved = rotation_angles_deg(np.array([before[i][0] for i in ids]), np.array([after[i][0] for i in ids]))
+    step_deg = 3.3  # the direction grid's step at the default 4000 directions in C1
+    assert moved.max() <= 3 * 1.5 + step_deg, np.sort(moved)[-5:]
+    assert np.median(moved) < 1.5
+
+
 def test_viewers_write_pngs(refined, tmp_path):
     from pwem.viewers import FscViewer
 
@@ -287,7 +318,7 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
     changed = {"symmetryGroup": "D2", "initialLowPass": 30.0, "updateFraction": 0.5, "numberOfDirections": 500,
                "maxIterations": 7, "originRange": 3.0, "numberOfPeaks": 2, "weightSoftness": 0.05,
                "refineBetweenGridPoints": False, "randomSeed": 11, "numberOfThreads": 1, "particleDiameter": 250,
-               "searchMode": 1, "noiseModel": False}
+               "searchMode": 1, "noiseModel": False, "useInputAlignment": True, "localSigmaAngle": 2.0}
     for form in ({}, changed):
         prot = project.newProtocol(ProtPrimeRefine3D, **form)
         prot.inputParticles.set(particles.outputParticles)
@@ -306,7 +337,7 @@ def test_every_form_setting_reaches_the_engine(project, imported, tmp_path):
                     "subgrid": form.get("refineBetweenGridPoints", True), "seed": form.get("randomSeed", 0),
                     "threads": form.get("numberOfThreads", 2),
                     "particle_diameter_A": form.get("particleDiameter", defaults.particle_diameter_A),
-                    "solvent_mask": str(mask) if form else None}
+                    "solvent_mask": str(mask) if form else None, "local_sigma_deg": 2.0 if form else None}
         assert {name: getattr(engine, name) for name in expected} == expected
         assert engine.particles == prot._particlesStar() and Path(engine.reference).is_file()
 

@@ -34,7 +34,9 @@ PARAMETER_NAMES = {"particles": "--i", "reference": "--ref", "symmetry": "--sym"
                    "particle_diameter_A": "--particle_diameter", "ini_high_A": "--ini_high",
                    "solvent_mask": "--solvent_mask", "pixel_size_A": "--angpix", "update_fraction": "--update_frac",
                    "n_space": "--nspace", "trs_px": "--trs", "n_peaks": "--npeaks", "sigma": "--sigma",
-                   "seed": "--seed", "max_iter": "--max_iter", "threads": "--j", "ctf=False": "--no_ctf"}
+                   "seed": "--seed", "max_iter": "--max_iter", "threads": "--j", "ctf=False": "--no_ctf",
+                   "local_sigma_deg": "--sigma_ang"}
+DEFAULT_SIGMA_ANG_DEG = 3.0
 NEGATED_FLAGS = {"subgrid": "--no_subgrid", "ctf": "--no_ctf"}  # RefineParameters booleans set False by a flag
 
 
@@ -74,6 +76,15 @@ def add_args(parser):
                              "neighbouring direction; shc: stochastic hill climbing from the previous "
                              "orientation (PRIME's original: faster, but on real particles it leaves more of "
                              "them in wrong orientations, see benchmarks/RESULTS.md)")
+    search.add_argument("--local", action="store_true",
+                        help="local refinement: every search stays near the orientation and origin the particle "
+                             "has in --i (rlnAngleRot/Tilt/Psi, needed, and rlnOriginX/YAngst), for a step after "
+                             "another refinement or a classification; nothing else is scored, so it is much "
+                             "faster than a global search and cannot jump to an unrelated orientation")
+    search.add_argument("--sigma_ang", type=number, default=None, metavar="DEG",
+                        help="with --local: the expected angular error of the input orientations in degrees "
+                             "(RELION's --sigma_ang); the search scores the orientations within 3 times this "
+                             f"angle (default {DEFAULT_SIGMA_ANG_DEG:g})")
     search.add_argument("--no_noise_model", action="store_true",
                         help="correlate without weighting each Fourier ring by the noise power of the "
                              "particle's micrograph (estimated from the data); by default the weighting is on")
@@ -121,7 +132,19 @@ def parameters_from_args(args):
                             trs_px=args.trs, n_peaks=args.npeaks, sigma=args.sigma, max_iter=args.max_iter,
                             threads=args.j, solvent_mask=args.solvent_mask, seed=args.seed, pixel_size_A=args.angpix,
                             scheduler=args.scheduler, cluster=args.cluster, subgrid=not args.no_subgrid,
-                            search_mode=args.search, noise_model=not args.no_noise_model, ctf=not args.no_ctf)
+                            search_mode=args.search, noise_model=not args.no_noise_model, ctf=not args.no_ctf,
+                            local_sigma_deg=_local_sigma(args))
+
+
+def _local_sigma(args):
+    """--sigma_ang when --local is given (its default without a value), else None; --sigma_ang alone is refused."""
+    from prime_plugin.core.errors import PrimeInputError
+
+    if not args.local:
+        if args.sigma_ang is not None:
+            raise PrimeInputError("--sigma_ang is the width of a local refinement's search: give --local too")
+        return None
+    return DEFAULT_SIGMA_ANG_DEG if args.sigma_ang is None else args.sigma_ang
 
 
 def main(args):
