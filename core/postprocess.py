@@ -28,9 +28,11 @@ ln amplitude -99 for a shell whose amplitudes are all 0; the cisTEM-like "partic
 fraction" FSC, f FSC / (1 + (f - 1) FSC) with f = 0.476 / (fraction of the box where the mask
 > 0.5). Where this module differs on purpose: the final resolution is interpolated
 between shells (``fourier.resolution_at``), RELION gives the last shell above 0.143;
-RELION 3.1 fits the B-factor up to Nyquist by default (--autob_highres 0, which
-``autob_highres_A=0`` reproduces) and does not low-pass filter unless asked
-(--low_pass); here both stop at the final resolution by default, as RELION 4 does.
+RELION (3.1 and 4.0) fits the B-factor up to Nyquist by default (--autob_highres 0;
+the FSC weighting then leaves out only the shells past the first FSC below 1e-4) and
+low-pass filters only when asked (--low_pass); here the fit and the filter stop at the
+final resolution by default, so that shells of little signal do not steer B.
+``autob_highres_A=0`` and ``low_pass_A=0`` give RELION's defaults.
 
 Volumes are float arrays ``v[z, y, x]`` with a cubic box N.
 """
