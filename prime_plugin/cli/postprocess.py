@@ -84,7 +84,8 @@ def main(args):
     print(f"resolution (FSC = 0.143): unmasked {curves.res_unmasked_A:.2f} A, masked {curves.res_masked_A:.2f} A, "
           f"corrected {curves.res_corrected_A:.2f} A")
     if result.fit is not None:
-        print(f"B-factor fit {result.fit.lowres_A:g}-{result.fit.highres_A:.2f} A over {result.fit.n_shells} shells: "
+        up_to = f"{result.fit.highres_A:.2f} A" if result.fit.highres_A > 0 else "Nyquist"
+        print(f"B-factor fit {result.fit.lowres_A:g} A to {up_to} over {result.fit.n_shells} shells: "
               f"slope {result.fit.slope:.1f} A^2, correlation {result.fit.correlation:.3f}")
     low_pass = "none" if result.low_pass_A is None else f"{result.low_pass_A:.2f} A"
     print(f"FINAL RESOLUTION: {result.resolution_A:.2f} A; B-factor {result.bfactor_A2:.1f} A^2; low-pass {low_pass}")
