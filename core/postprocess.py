@@ -122,7 +122,8 @@ class Postprocessed:
 
 
 def last_shell_above(curve, threshold=RESOLUTION_THRESHOLD):
-    """RELION's reading of an FSC curve: the last shell before it first drops below ``threshold`` (0 if shell 0 does)."""
+    """RELION's reading of an FSC curve: the last shell before it first drops below ``threshold``
+    (0 if shell 0 does)."""
     below = np.nonzero(np.asarray(curve) < threshold)[0]
     return len(curve) - 1 if below.size == 0 else max(int(below[0]) - 1, 0)
 

@@ -167,8 +167,8 @@ def write_postprocess_outputs(folder, result: Postprocessed, half1_name, half2_n
     write_star_blocks({"general": _general_block(result, half1_name, half2_name, mask_name),
                        "fsc": _fsc_block(result), "guinier": _guinier_block(result)}, paths[2])
     curves = result.fsc
-    report.postprocess_fsc_plot(paths[3], {"corrected": result.final_fsc, "unmasked": curves.unmasked,
-                                           "masked": curves.masked, "phase-randomised masked": curves.randomised_masked},
-                                result.sharpened.shape[0], result.pixel_size_A, result.resolution_A)
+    plotted = {"corrected": result.final_fsc, "unmasked": curves.unmasked, "masked": curves.masked,
+               "phase-randomised masked": curves.randomised_masked}
+    report.postprocess_fsc_plot(paths[3], plotted, result.sharpened.shape[0], result.pixel_size_A, result.resolution_A)
     report.guinier_plot(paths[4], result.guinier, result.fit, result.bfactor_A2)
     return paths

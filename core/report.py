@@ -113,7 +113,7 @@ def postprocess_fsc_plot(path, curves, box, pixel_size_A, resolution_A):
 
 
 def draw_postprocess_fsc(fig, curves, box, pixel_size_A, resolution_A):
-    """FSC curves (name -> (box//2+1,) per shell, the first one drawn thick) against resolution (A), RELION's colours."""
+    """FSC curves (name -> (box//2+1,) per shell, the first drawn thick) against resolution (A), RELION's colours."""
     colours = ["black", "tab:green", "tab:blue", "tab:red"]
     ax = fig.add_subplot(111)
     for i, (name, curve) in enumerate(curves.items()):
