@@ -14,6 +14,8 @@ from prime_plugin.core.images import ParticleImages
 from prime_plugin.core.mrc import read_volume, write_volume
 from prime_plugin.core.fourier import fsc, low_pass, resolution_at, soft_sphere_mask
 from prime_plugin.core.fsc_correction import CorrectedFsc, corrected_fsc, randomise_phases
+from prime_plugin.core.masking import solvent_mask
+from prime_plugin.core.postprocess import Postprocessed, postprocess
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.reconstruct import Backprojector, FourierSums, reconstruct_volume
 from prime_plugin.core.refine import RefineParameters, RefineResult, refine
@@ -61,4 +63,7 @@ __all__ = [
     "CorrectedFsc",
     "corrected_fsc",
     "randomise_phases",
+    "solvent_mask",
+    "Postprocessed",
+    "postprocess",
 ]

@@ -94,3 +94,14 @@ def low_pass(volume, resolution_A, pixel_size_A, edge_shells=2.0):
     filt = 0.5 - 0.5 * np.cos(np.pi * ramp)
     spectrum = scipy.fft.rfftn(np.asarray(volume, np.float64), workers=fft_workers()) * filt
     return scipy.fft.irfftn(spectrum, s=volume.shape, workers=fft_workers()).astype(np.float32)
+
+
+def shell_low_pass(volume, resolution_A, pixel_size_A, edge_shells=2):
+    """RELION's low-pass (lowPassFilterMap): :func:`low_pass` with its cut-off on the nearest whole shell.
+
+    The cut-off shell is round(N * pixel size / resolution); the raised cosine falls from
+    1 at ``edge_shells / 2`` shells below it to 0 as far above. float32 (N, N, N).
+    """
+    box = volume.shape[0]
+    shell = max(int(np.rint(box * pixel_size_A / resolution_A)), 1)
+    return low_pass(volume, box * pixel_size_A / shell, pixel_size_A, edge_shells=edge_shells)

@@ -103,3 +103,62 @@ def draw_convergence(fig, history):
     axes[2].set_ylabel("orientation change (deg)")
     axes[2].set_xlabel("iteration")
     fig.suptitle("Convergence")
+
+
+def postprocess_fsc_plot(path, curves, box, pixel_size_A, resolution_A):
+    """Write the post-processing FSC plot (PNG) of :func:`draw_postprocess_fsc`."""
+    fig = _new_figure((6, 4))
+    draw_postprocess_fsc(fig, curves, box, pixel_size_A, resolution_A)
+    _save(fig, path)
+
+
+def draw_postprocess_fsc(fig, curves, box, pixel_size_A, resolution_A):
+    """FSC curves (name -> (box//2+1,) per shell, the first drawn thick) against resolution (A), RELION's colours."""
+    colours = ["black", "tab:green", "tab:blue", "tab:red"]
+    ax = fig.add_subplot(111)
+    for i, (name, curve) in enumerate(curves.items()):
+        shells = np.arange(len(curve))
+        ax.plot(shells[1:], np.asarray(curve)[1:], color=colours[i % len(colours)], lw=2.0 if i == 0 else 1.0,
+                label=name)
+    ax.axhline(0.143, color="grey", lw=0.8, ls="--")
+    ax.axvline(box * pixel_size_A / resolution_A, color="grey", lw=0.8, ls=":")
+    n = len(next(iter(curves.values())))
+    ticks = np.linspace(1, n - 1, 6).round().astype(int)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{box * pixel_size_A / k:.1f}" for k in ticks])
+    ax.set_xlabel("resolution (A)")
+    ax.set_ylabel("Fourier shell correlation")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(f"Final resolution (FSC = 0.143): {resolution_A:.2f} A")
+
+
+def guinier_plot(path, guinier, fit, bfactor_A2):
+    """Write the Guinier plot (PNG) of :func:`draw_guinier`."""
+    fig = _new_figure((6, 4))
+    draw_guinier(fig, guinier, fit, bfactor_A2)
+    _save(fig, path)
+
+
+def draw_guinier(fig, guinier, fit, bfactor_A2):
+    """ln(amplitude) against 1/d^2 (1/A^2): the average map, FSC-weighted, sharpened, and the fitted line.
+
+    ``guinier``: a ``postprocess.GuinierPlot``; ``fit``: a ``postprocess.BfactorFit`` or None.
+    Points at -99 (empty shells) are left out.
+    """
+    ax = fig.add_subplot(111)
+    x = guinier.resolution_squared
+    for values, name, colour in ((guinier.original, "average map", "black"),
+                                 (guinier.weighted, "FSC-weighted", "tab:blue"),
+                                 (guinier.sharpened, f"sharpened (B = {bfactor_A2:.0f} A^2)", "tab:red")):
+        shown = (values > -99) & (x > 0)
+        ax.plot(x[shown], values[shown], color=colour, lw=1.0, label=name)
+    if fit is not None:
+        high = 1.0 / fit.highres_A ** 2 if fit.highres_A > 0 else x.max()  # highres 0: up to Nyquist
+        span = np.array([1.0 / fit.lowres_A ** 2, high])
+        ax.plot(span, fit.intercept + fit.slope * span, color="tab:orange", ls="--", lw=1.5,
+                label=f"fit {fit.lowres_A:.1f}-{fit.highres_A:.1f} A: slope {fit.slope:.0f} A^2")
+    ax.set_xlabel("1 / resolution^2 (1/A^2)")
+    ax.set_ylabel("ln(amplitude)")
+    ax.legend(fontsize=8)
+    ax.set_title("Guinier plot")

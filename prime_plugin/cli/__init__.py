@@ -18,12 +18,13 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from prime_plugin.cli import benchmark, check, convert_star, demo, reconstruct, refine, simulate, symmetry
+from prime_plugin.cli import (benchmark, check, convert_star, demo, mask, postprocess, reconstruct, refine,
+                              simulate, symmetry)
 from prime_plugin.cli.options import EXIT_STATUSES
 from prime_plugin.core.errors import PrimeInputError, PrimeRunError
 from prime_plugin.version import __version__
 
-COMMANDS = [demo, refine, check, convert_star, symmetry, simulate, reconstruct, benchmark]
+COMMANDS = [demo, refine, check, convert_star, symmetry, simulate, reconstruct, mask, postprocess, benchmark]
 PARAMETER_NAMES = {"pixel_size_A": "--angpix"}  # every command's; a command's own PARAMETER_NAMES add to them
 
 
