@@ -141,7 +141,6 @@ def run_relion(cache, rerun, relion_limit_min):
     if "relion" in rerun or (not (cache / "timing_relion.json").is_file() and not RELION_RECORD.is_file()):
         shutil.rmtree(cache / "Refine3D", ignore_errors=True)
         (cache / "Refine3D").mkdir()
-        (cache / "relion.pauses").unlink(missing_ok=True)
         per_rank = ("exec /usr/bin/time -f %M -o rss_relion_rank_$OMPI_COMM_WORLD_RANK relion_refine_mpi "
                     + " ".join(RELION_ARGS))
         shown = " ".join(MPIRUN) + " relion_refine_mpi " + " ".join(RELION_ARGS)

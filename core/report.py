@@ -42,14 +42,19 @@ def draw_fsc(fig, curve, box, pixel_size_A):
     for level, colour in ((0.143, "tab:red"), (0.5, "tab:orange")):
         res = resolution_at(curve, level, box, pixel_size_A)
         ax.axhline(level, color=colour, lw=0.8, ls="--", label=f"FSC = {level}: {res:.1f} A")
-    ticks = np.linspace(1, len(curve) - 1, 6).round().astype(int)
+    _fsc_axes(ax, len(curve), box, pixel_size_A)
+    ax.set_title("Gold-standard FSC")
+
+
+def _fsc_axes(ax, n_shells, box, pixel_size_A):
+    """Shells 1..n_shells-1 labelled in A, the FSC axis from -0.1 to 1.05, the legend: every FSC plot's frame."""
+    ticks = np.linspace(1, n_shells - 1, 6).round().astype(int)
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{box * pixel_size_A / k:.1f}" for k in ticks])
     ax.set_xlabel("resolution (A)")
     ax.set_ylabel("Fourier shell correlation")
     ax.set_ylim(-0.1, 1.05)
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Gold-standard FSC")
 
 
 def angular_distribution_plot(path, angles_deg, symmetry_ops=None):
@@ -122,14 +127,7 @@ def draw_postprocess_fsc(fig, curves, box, pixel_size_A, resolution_A):
                 label=name)
     ax.axhline(0.143, color="grey", lw=0.8, ls="--")
     ax.axvline(box * pixel_size_A / resolution_A, color="grey", lw=0.8, ls=":")
-    n = len(next(iter(curves.values())))
-    ticks = np.linspace(1, n - 1, 6).round().astype(int)
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{box * pixel_size_A / k:.1f}" for k in ticks])
-    ax.set_xlabel("resolution (A)")
-    ax.set_ylabel("Fourier shell correlation")
-    ax.set_ylim(-0.1, 1.05)
-    ax.legend(loc="lower left", fontsize=8)
+    _fsc_axes(ax, len(next(iter(curves.values()))), box, pixel_size_A)
     ax.set_title(f"Final resolution (FSC = 0.143): {resolution_A:.2f} A")
 
 

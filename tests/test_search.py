@@ -170,15 +170,9 @@ def test_noisy_ctf_search_recovers_most_orientations(relion_noisy, noisy_engine,
 
 def perturbed_previous(angles_deg, references, grid, degrees, seed):
     """(direction index, psi index) nearest to each true orientation rotated by ``degrees`` about a random axis."""
-    from scipy.spatial.transform import Rotation
+    from prime_plugin.core.geometry import projection_direction
 
-    from prime_plugin.core.geometry import matrix_to_euler, projection_direction
-
-    rng = np.random.default_rng(seed)
-    axes = rng.normal(size=(len(angles_deg), 3))
-    axes *= np.radians(degrees) / np.linalg.norm(axes, axis=1, keepdims=True)
-    moved = Rotation.from_rotvec(axes).as_matrix() @ euler_to_matrix(*angles_deg.T)
-    rot, tilt, psi = matrix_to_euler(moved)
+    rot, tilt, psi = perturbed_poses(angles_deg, np.zeros((len(angles_deg), 2)), degrees, 0.0, seed)[0].T
     grid_dirs = projection_direction(*references.directions_deg.T)
     direction = (projection_direction(rot, tilt) @ grid_dirs.T).argmax(axis=1)
     return direction, np.rint(psi / grid.psi_step_deg).astype(np.int64) % grid.n_rot
