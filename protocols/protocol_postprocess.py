@@ -8,7 +8,6 @@ map. No numerics here.
 
 import os
 import shlex
-from enum import Enum
 
 import pyworkflow.protocol.params as params
 from pyworkflow.constants import PROD
@@ -26,10 +25,10 @@ FSC_COLUMNS = (("rlnFourierShellCorrelationCorrected", "corrected"),
                ("rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps", "phase-randomised masked maps"))
 
 
-class PrimePostprocessOutputs(Enum):
-    outputVolume = Volume
-    outputFSCs = SetOfFSCs
-    outputLocalResolution = Volume
+# Output names and classes. A dict, as pyworkflow asks when two outputs share a class: in an Enum the
+# second Volume member would be an alias of the first (same value), and its name "outputVolume".
+OUTPUT_VOLUME, OUTPUT_FSCS, OUTPUT_LOCAL_RESOLUTION = "outputVolume", "outputFSCs", "outputLocalResolution"
+POSTPROCESS_OUTPUTS = {OUTPUT_VOLUME: Volume, OUTPUT_FSCS: SetOfFSCs, OUTPUT_LOCAL_RESOLUTION: Volume}
 
 
 class ProtPrimePostprocess(PrimeEngineJob, ProtAnalysis3D):
@@ -43,7 +42,7 @@ class ProtPrimePostprocess(PrimeEngineJob, ProtAnalysis3D):
 
     _label = "postprocess"
     _devStatus = PROD
-    _possibleOutputs = PrimePostprocessOutputs
+    _possibleOutputs = POSTPROCESS_OUTPUTS
     _references = ["Chen2013", "Rosenthal2003"]
     OUTDIR = "postprocess"
 
@@ -125,13 +124,12 @@ class ProtPrimePostprocess(PrimeEngineJob, ProtAnalysis3D):
             fsc = FSC(objLabel=label)
             fsc.setData(table["rlnResolution"].astype(float).tolist(), table[column].astype(float).tolist())
             fscs.append(fsc)
-        outputs = {PrimePostprocessOutputs.outputVolume.name: volume,
-                   PrimePostprocessOutputs.outputFSCs.name: fscs}
+        outputs = {OUTPUT_VOLUME: volume, OUTPUT_FSCS: fscs}
         if self.doLocalResolution.get():
             local = Volume()
             local.setFileName(self._outputFile("postprocess_locres.mrc"))
             local.setSamplingRate(pixel_size)
-            outputs[PrimePostprocessOutputs.outputLocalResolution.name] = local
+            outputs[OUTPUT_LOCAL_RESOLUTION] = local
         self._defineOutputs(**outputs)
         for output in outputs.values():
             self._defineSourceRelation(self.inputVolume, output)
