@@ -62,9 +62,18 @@ def read_volume(path, expected_box=None):
         From the header; 0.0 when the header does not say.
     """
     path = Path(path)
+    if path.is_dir():
+        raise PrimeInputError("is a folder, not an MRC map", path)
     if not path.is_file():
         raise PrimeInputError("file not found", path)
-    check_real_mode(mrc_header(path, "volume"), path, "map")
+    header = mrc_header(path, "volume")
+    check_real_mode(header, path, "map")
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    expected = 1024 + int(header.nsymbt) + nx * ny * max(nz, 1) * BYTES_PER_VOXEL[int(header.mode)]
+    size = path.stat().st_size
+    if size < expected:
+        raise PrimeInputError(f"truncated: {size} bytes where the header announces a {nx} x {ny} x {nz} map "
+                              f"({expected} bytes)", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the header is known good; mrcfile's remarks are not for the user

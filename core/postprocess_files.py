@@ -22,10 +22,11 @@ from prime_plugin.core.star import PIXEL_SIZE_TOLERANCE, write_star_blocks
 from prime_plugin.core.validation import check_input_map
 
 __all__ = ["PostprocessInputs", "read_postprocess_inputs", "other_half_name", "write_postprocess_outputs",
-           "OUTPUT_NAMES"]
+           "OUTPUT_NAMES", "LOCRES_NAMES"]
 
 MASK_TOLERANCE = 1e-6  # RELION's: mask values within [-1e-6, 1 + 1e-6]
 OUTPUT_NAMES = ("postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "fsc.png", "guinier.png")
+LOCRES_NAMES = ("postprocess_locres.mrc", "postprocess_locres_filtered.mrc")  # RELION's names
 RELION_ZERO_SHELL_RESOLUTION_A = 999.0  # what RELION writes for shell 0's resolution
 
 
@@ -151,11 +152,12 @@ def _guinier_block(result):
     return pd.DataFrame(columns)
 
 
-def write_postprocess_outputs(folder, result: Postprocessed, half1_name, half2_name, mask_name):
+def write_postprocess_outputs(folder, result: Postprocessed, half1_name, half2_name, mask_name, local=None):
     """Write OUTPUT_NAMES into ``folder`` (made if missing), each file atomically; returns their paths.
 
     ``half1_name``, ``half2_name``, ``mask_name``: the names written into postprocess.star
-    (RELION writes them as given on its command line).
+    (RELION writes them as given on its command line). ``local``: a
+    ``local_resolution.LocalResolution``, written as LOCRES_NAMES too, or None.
     """
     from prime_plugin.core import report
 
@@ -171,4 +173,8 @@ def write_postprocess_outputs(folder, result: Postprocessed, half1_name, half2_n
                "phase-randomised masked": curves.randomised_masked}
     report.postprocess_fsc_plot(paths[3], plotted, result.sharpened.shape[0], result.pixel_size_A, result.resolution_A)
     report.guinier_plot(paths[4], result.guinier, result.fit, result.bfactor_A2)
+    if local is not None:
+        paths += [folder / name for name in LOCRES_NAMES]
+        write_volume(paths[-2], local.resolution_A, result.pixel_size_A)
+        write_volume(paths[-1], local.filtered, result.pixel_size_A)
     return paths

@@ -43,4 +43,24 @@ year = {2018},
 doi = {http://dx.doi.org/10.1016/j.jsb.2018.08.005},
 author = {Reboul, Cyril F. and Kiesewetter, Simon and Eager, Michael and Belousoff, Matthew and Cui, Tiangang and De Sterck, Hans and Elmlund, Dominika and Elmlund, Hans},
 }
+@article{Chen2013,
+title = {High-resolution noise substitution to measure overfitting and validate resolution in 3D structure determination by single particle electron cryomicroscopy},
+journal = {Ultramicroscopy},
+volume = {135},
+pages = {24-35},
+year = {2013},
+doi = {http://dx.doi.org/10.1016/j.ultramic.2013.06.004},
+author = {Chen, Shaoxia and McMullan, Greg and Faruqi, Abdul R. and Murshudov, Garib N. and Short, Judith M. and Scheres, Sjors H. W. and Henderson, Richard},
+}
+
+@article{Rosenthal2003,
+title = {Optimal determination of particle orientation, absolute hand, and contrast loss in single-particle electron cryomicroscopy},
+journal = {Journal of Molecular Biology},
+volume = {333},
+number = {4},
+pages = {721-745},
+year = {2003},
+doi = {http://dx.doi.org/10.1016/j.jmb.2003.07.013},
+author = {Rosenthal, Peter B. and Henderson, Richard},
+}
 """

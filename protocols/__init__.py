@@ -10,4 +10,5 @@ except ImportError:
     pwem = None
 
 if pwem is not None:
+    from prime_plugin.protocols.protocol_postprocess import POSTPROCESS_OUTPUTS, ProtPrimePostprocess  # noqa: F401
     from prime_plugin.protocols.protocol_refine3d import PrimeRefineOutputs, ProtPrimeRefine3D  # noqa: F401

@@ -7,7 +7,6 @@ FSC and the particles with their refined 3D alignment. No numerics here.
 
 import os
 import shlex
-import sys
 from enum import Enum
 
 import pyworkflow.protocol.params as params
@@ -19,6 +18,7 @@ from prime_plugin import convert
 from prime_plugin.core import run_folder
 from prime_plugin.core.star import read_star_blocks
 from prime_plugin.core.symmetry import symmetry_operators
+from prime_plugin.protocols.engine_job import PrimeEngineJob
 
 
 class PrimeRefineOutputs(Enum):
@@ -27,7 +27,7 @@ class PrimeRefineOutputs(Enum):
     outputParticles = SetOfParticles
 
 
-class ProtPrimeRefine3D(ProtRefine3D):
+class ProtPrimeRefine3D(PrimeEngineJob, ProtRefine3D):
     """Refines particle orientations and origins and a 3D map by PRIME, the stochastic hill
     climbing projection matching of SIMPLE, with two independently refined half-sets
     (gold standard). Each iteration updates a random fraction of the particles (incremental
@@ -143,14 +143,7 @@ class ProtPrimeRefine3D(ProtRefine3D):
         # A relaunch of an interrupted run continues from its last complete iteration (the engine says
         # whether there is one); otherwise the run starts anew.
         restart = "--continue" if run_folder.has_complete_iteration(out) else "--force"
-        try:
-            self.runJob(self._primeProgram(), f"{arguments} {restart}")
-        except Exception as failure:
-            # The engine's one-line reason (in the run's stderr) is more use than "exit status 2".
-            reason = self._engineError()
-            if reason is None:
-                raise
-            raise RuntimeError(reason) from failure
+        self._runPrime(f"{arguments} {restart}")
 
     def createOutputStep(self):
         particles = self.inputParticles.get()
@@ -180,26 +173,11 @@ class ProtPrimeRefine3D(ProtRefine3D):
 
     # -------------------------------------------------------------- helpers
 
-    def _engineError(self):
-        """The last 'prime refine: error: ...' line of this run's logs, or None."""
-        for log in (self.getStderrLog(), self.getStdoutLog()):
-            if os.path.exists(log):
-                with open(log, errors="replace") as text:
-                    lines = [line.strip() for line in text if line.startswith("prime refine: ")]
-                if lines:
-                    return lines[-1]
-        return None
-
     def _particlesStar(self):
         return self._getExtraPath("particles.star")
 
     def _outputFile(self, name):
         return self._getExtraPath(self.OUTDIR, name)
-
-    def _primeProgram(self):
-        """The ``prime`` script of the interpreter running the protocol (Scipion's environment)."""
-        script = os.path.join(os.path.dirname(sys.executable), "prime")
-        return script if os.path.exists(script) else f"{sys.executable} -m prime_plugin.cli"
 
     def _refineArguments(self):
         quote = shlex.quote

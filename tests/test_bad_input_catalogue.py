@@ -442,6 +442,65 @@ CASES = [
 ]
 
 
+# prime mask and prime postprocess (issue 18): half maps of the blob map with independent noise, a mask.
+def half_maps(folder):
+    """half1.mrc, half2.mrc (the blob map plus noise, seeded) and mask.mrc (a soft-edged 0..1 mask)."""
+    rng = np.random.default_rng(5)
+    volume = blob_map()
+    for name in ("half1.mrc", "half2.mrc"):
+        write_volume(folder / name, volume + 0.05 * rng.standard_normal(volume.shape), APIX)
+    write_volume(folder / "mask.mrc", np.clip(2 * volume, 0, 1), APIX)
+
+
+def with_half_maps(*spoilers):
+    return several(half_maps, *spoilers)
+
+
+POSTPROCESS = ["postprocess", "--i", "half1.mrc", "--mask", "mask.mrc", "--o", "post", "--adhoc_bfac", "-50"]
+MASK = ["mask", "--i", REF, "--o", "mask_out.mrc", "--threshold", "0.5", "--soft_edge", "2"]
+CASES += [
+    Case("postprocess: half maps of different boxes", with_half_maps(map_file("small.mrc", blob_map(20))),
+         [*POSTPROCESS, "--i2", "small.mrc"],
+         ("small.mrc", "box 20 differs from half map 1's 24")),
+    Case("postprocess: half maps of different pixel sizes", with_half_maps(map_file("apix.mrc", blob_map(), 4.0)),
+         [*POSTPROCESS, "--i2", "apix.mrc"], ("apix.mrc", "pixel size 4 A in the header differs")),
+    Case("postprocess: mask above 1", with_half_maps(map_file("mask.mrc", 1.5 * np.ones((BOX,) * 3))), POSTPROCESS,
+         ("mask.mrc", "mask values must lie in [0, 1]", "1.5")),
+    Case("postprocess: negative mask", with_half_maps(map_file("mask.mrc", -np.ones((BOX,) * 3))), POSTPROCESS,
+         ("mask.mrc", "mask values must lie in [0, 1]", "-1")),
+    Case("postprocess: mask of another box", with_half_maps(map_file("mask.mrc", np.ones((16,) * 3))), POSTPROCESS,
+         ("mask.mrc", "mask box 16 differs from the half maps' 24")),
+    Case("postprocess: missing half map", with_half_maps(lambda f: (f / "half2.mrc").unlink()), POSTPROCESS,
+         ("half2.mrc", "file not found")),
+    Case("postprocess: half map of text", with_half_maps(text_file("half2.mrc")), POSTPROCESS,
+         ("half2.mrc", "not an MRC volume")),
+    Case("postprocess: truncated half map", with_half_maps(truncate("half1.mrc", 1000)), POSTPROCESS,
+         ("half1.mrc", "truncated")),
+    Case("postprocess: mask in mode 3", with_half_maps(header_word("mask.mrc", 3, 3)), POSTPROCESS,
+         ("mask.mrc", "MRC mode 3")),
+    Case("postprocess: mask that is a folder", with_half_maps(make_dir("masks")), [*POSTPROCESS, "--mask", "masks"],
+         ("masks", "is a folder")),
+    Case("postprocess: --o that is a file", with_half_maps(make_file("post")), POSTPROCESS,
+         ("post", "is a file, not a folder")),
+    Case("postprocess: --o under a file", with_half_maps(make_file("busy")), [*POSTPROCESS, "--o", "busy/post"],
+         ("busy/post", "busy is a file")),
+    Case("mask: map of text", text_file(REF), MASK, (REF, "not an MRC volume")),
+    Case("mask: missing map", lambda folder: (folder / REF).unlink(), MASK, (REF, "file not found")),
+    Case("mask: truncated map", truncate(REF, 1000), MASK, (REF, "truncated")),
+    Case("mask: --o under a file", make_file("busy"), [*MASK, "--o", "busy/mask.mrc"], ("busy/mask.mrc", "is a file")),
+    Case("mask: --o onto its input", None, [*MASK, "--o", REF], (REF, "refusing to overwrite")),
+    Case("mask: threshold above the map", None, [*MASK, "--threshold", "100"], (REF, "no voxel", "--threshold 100")),
+]
+
+
+def test_the_mask_and_postprocess_cases_spoil_good_data(data, capsys):
+    """Unspoiled, the data of the cases above go through: each case's refusal is its spoiler's doing."""
+    half_maps(data)
+    for args in (POSTPROCESS, MASK):
+        code, _, lines = prime(data, *args, capsys=capsys)
+        assert code == 0 and not [line for line in lines if "error" in line], (args, lines)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_is_one_line_and_nothing_written(case, data, finished, capsys):
     if case.run:

@@ -21,6 +21,8 @@ print(json.dumps({
     "protocol_module": protocols["ProtPrimeRefine3D"].__module__,
     "label": protocols["ProtPrimeRefine3D"].getClassLabel(),
     "viewer": "PrimeRefine3DViewer" in viewers,
+    "postprocess": [protocols["ProtPrimePostprocess"].__module__, protocols["ProtPrimePostprocess"].getClassLabel(),
+                    "PrimePostprocessViewer" in viewers, protocols["ProtPrimePostprocess"]._references],
     "templates": [t.name for t in module._pluginInstance.getTemplates()],
     "citations": sorted(pwutils.parseBibTex(prime_plugin.bibtex.__doc__)),
     "references": protocols["ProtPrimeRefine3D"]._references,
@@ -38,6 +40,9 @@ def test_scipion_discovers_plugin_protocol_viewer_and_template(scipion, tmp_path
     assert found["protocol_module"] == "prime_plugin.protocols.protocol_refine3d"
     assert found["label"] == "prime - 3D refine"
     assert found["viewer"]
+    module, label, viewer, references = found["postprocess"]
+    assert (module, label, viewer) == ("prime_plugin.protocols.protocol_postprocess", "prime - postprocess", True)
+    assert set(references) <= set(found["citations"])
     assert found["templates"] == ["prime_refine"]
     assert set(found["references"]) <= set(found["citations"])
     assert {"Elmlund2013", "Reboul2016", "Reboul2018"} <= set(found["citations"])

@@ -44,6 +44,8 @@ def main(args):
 
     output = Path(args.o)
     check_output_file(output)
+    if output.resolve() == Path(args.i).resolve():
+        raise PrimeInputError("is the input map: refusing to overwrite it with its mask; give another --o", args.o)
     volume, header_apix = read_volume(args.i)
     pixel_size_A = header_apix if args.angpix is None else args.angpix
     if args.lowpass is not None and not pixel_size_A > 0:
