@@ -41,21 +41,20 @@ x, y, z): :func:`axis_disagreement_deg` compares two answers by their axes.
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.fft
-import scipy.ndimage
 import scipy.optimize
 from scipy.spatial.transform import Rotation
 
 from prime_plugin.core.directions import asymmetric_unit_directions
 from prime_plugin.core.errors import PrimeInputError
-from prime_plugin.core.fourier import fft_workers, low_pass
+from prime_plugin.core.fourier import low_pass
 from prime_plugin.core.geometry import matrix_to_euler, projection_direction
 from prime_plugin.core.resample import resample_volume
 from prime_plugin.core.symmetry import symmetry_operators
 from prime_plugin.core.symmetry_search_kernels import rotated_correlations
+from prime_plugin.core.volume_rotation import (recentring_shift, rotate_volume, shifted_volume, sphere_correlation,
+                                               symmetrise_volume)
 
-__all__ = ["SymmetryAlignment", "find_symmetry_axes", "symmetry_axes", "axis_disagreement_deg", "rotate_volume",
-           "symmetrise_volume"]
+__all__ = ["SymmetryAlignment", "find_symmetry_axes", "symmetry_axes", "axis_disagreement_deg", "SelfRotation"]
 
 _AXIS_TOL = 1e-6  # two axes (unit vectors) are one line when |u . v| exceeds 1 - this
 _UPSAMPLING = 2  # the interpolated copy is this many times finer than the working grid
@@ -290,65 +289,6 @@ def _search(coarse, fine, symmetry, step_deg, n_candidates, n_refined=2):
     return best_q, best_score
 
 
-# ---------------------------------------------------------------- whole maps
-
-def _index_matrix(rotation):
-    """The (z, y, x) index-space form of a rotation acting on (x, y, z): J R J with J the axis reversal."""
-    return np.asarray(rotation, np.float64)[::-1, ::-1]
-
-
-def rotate_volume(volume, rotation, prefiltered=False):
-    """The map rotated about its centre: ``out(r) = volume(R^T r)``, float32 (N, N, N).
-
-    volume : (N, N, N), [z, y, x], centre N // 2; rotation : (3, 3) R acting on (x, y, z).
-    Cubic B-spline interpolation (``prefiltered``: ``volume`` holds the spline coefficients
-    already, scipy.ndimage.spline_filter's); voxels whose source falls outside the box are 0.
-    """
-    volume = np.asarray(volume)
-    matrix = _index_matrix(np.asarray(rotation, np.float64).T)
-    centre = np.full(3, volume.shape[0] // 2, np.float64)
-    out = scipy.ndimage.affine_transform(volume.astype(np.float64, copy=False), matrix, offset=centre - matrix @ centre,
-                                         order=3, mode="constant", cval=0.0, prefilter=not prefiltered)
-    return out.astype(np.float32)
-
-
-def symmetrise_volume(volume, symmetry, rotation=None):
-    """The average over G of a map first rotated by R: ``mean_g volume(R^T g r)``, float32 (N, N, N).
-
-    With ``rotation`` None (identity) this is RELION's symmetrisation of a map already in the
-    standard orientation (relion_image_handler --sym). Cubic B-spline interpolation.
-    """
-    R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
-    coefficients = scipy.ndimage.spline_filter(np.asarray(volume, np.float64), order=3, mode="constant")
-    total = np.zeros(volume.shape, np.float64)
-    for g in symmetry_operators(symmetry):
-        total += rotate_volume(coefficients, g @ R, prefiltered=True)  # (g R)^T r = R^T g^T r; G holds g^T too
-    return (total / len(symmetry_operators(symmetry))).astype(np.float32)
-
-
-def _recentring_shift(volume):
-    """(z, y, x) voxels that move the centre of mass of the positive density to the box centre."""
-    positive = np.clip(volume.astype(np.float64), 0.0, None)
-    centre = volume.shape[0] // 2
-    if not positive.any():
-        return np.zeros(3)
-    return centre - np.array(scipy.ndimage.center_of_mass(positive))
-
-
-def _shifted(volume, shift_zyx):
-    """The map moved by ``shift_zyx`` voxels (Fourier phase ramp: sub-voxel, periodic)."""
-    spectrum = scipy.fft.fftn(volume.astype(np.float64), workers=fft_workers())
-    return scipy.fft.ifftn(scipy.ndimage.fourier_shift(spectrum, shift_zyx), workers=fft_workers()).real
-
-
-def _sphere_correlation(a, b):
-    """Pearson correlation of two (N, N, N) maps inside the box's inscribed sphere."""
-    n = a.shape[0]
-    c = np.arange(n) - n // 2
-    inside = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2 <= (n // 2 - 1) ** 2
-    return float(np.corrcoef(a[inside].astype(np.float64), b[inside].astype(np.float64))[0, 1])
-
-
 def _working_map(volume, pixel_size_A, working_A, resolution_A):
     """The map Fourier-cropped to voxels of about ``working_A`` and low-passed to ``resolution_A`` or, if
     None or finer, to the new Nyquist: (float32 (n, n, n), the achieved voxel size in Angstrom)."""
@@ -414,8 +354,8 @@ def find_symmetry_axes(volume, pixel_size_A, symmetry, resolution_A=None, max_bo
     operators = symmetry_operators(symmetry)
     volume = np.asarray(volume, np.float32)
     box = volume.shape[0]
-    shift_zyx = _recentring_shift(volume) if recentre else np.zeros(3)
-    centred = _shifted(volume, shift_zyx) if np.any(shift_zyx) else volume.astype(np.float64)
+    shift_zyx = recentring_shift(volume) if recentre else np.zeros(3)
+    centred = shifted_volume(volume, shift_zyx) if np.any(shift_zyx) else volume.astype(np.float64)
 
     working_A = max(float(pixel_size_A), box * float(pixel_size_A) / int(max_box),
                     0.0 if resolution_A is None else resolution_A / 2.0)
@@ -435,6 +375,6 @@ def find_symmetry_axes(volume, pixel_size_A, symmetry, resolution_A=None, max_bo
     symmetrised = symmetrise_volume(centred, symmetry, rotation)
     aligned = rotate_volume(centred, rotation)
     return SymmetryAlignment(
-        rotation=rotation, euler_deg=matrix_to_euler(rotation), score=_sphere_correlation(aligned, symmetrised),
+        rotation=rotation, euler_deg=matrix_to_euler(rotation), score=sphere_correlation(aligned, symmetrised),
         search_score=float(search_score), volume=symmetrised if apply_symmetry else aligned,
         shift_px=shift_zyx[::-1].copy(), working_pixel_size_A=float(working_A), working_box=working.shape[0])
