@@ -293,8 +293,17 @@ def relion_rotation(relion, folder, volume, pixel_size_A, symmetry):
     return A, read_volume(folder / "out.mrc")[0]
 
 
+RELION_ATTEMPTS = 3  # relion_align_symmetry's random start (clock-seeded) can miss the truth: it runs again
+
+
 def compare_with_relion(relion, folder, volume, pixel_size_A, symmetry, truth_R):
-    A, relion_map = relion_rotation(relion, folder, volume, pixel_size_A, symmetry)
+    """Our axes against RELION's, where RELION found the truth: a run of RELION's that ended more than
+    TOLERANCE_DEG from the known truth is RELION's own miss (see relion_rotation) and is run again, at
+    most RELION_ATTEMPTS times; our result is compared with RELION's, not with the truth alone."""
+    for _ in range(RELION_ATTEMPTS):
+        A, relion_map = relion_rotation(relion, folder, volume, pixel_size_A, symmetry)
+        if axis_disagreement_deg(symmetry, A, truth_R) < TOLERANCE_DEG:
+            break
     found = find_symmetry_axes(volume, pixel_size_A, symmetry)
     versus_relion = axis_disagreement_deg(symmetry, found.rotation, A)
     assert versus_relion < TOLERANCE_DEG, (versus_relion, axis_disagreement_deg(symmetry, A, truth_R))
