@@ -24,6 +24,7 @@ from prime_plugin.core.simulate import simulate_particles
 from prime_plugin.core.star import ParticleTable, read_particles, read_star_blocks, write_particles, write_star_blocks
 from prime_plugin.core.star_reconstruction import reconstruct_particles
 from prime_plugin.core.symmetry import symmetry_operators, symmetry_order
+from prime_plugin.core.symmetry_search import SymmetryAlignment, find_symmetry_axes
 
 __all__ = [
     "PrimeInputError",
@@ -40,6 +41,8 @@ __all__ = [
     "projection_direction",
     "symmetry_operators",
     "symmetry_order",
+    "SymmetryAlignment",
+    "find_symmetry_axes",
     "asymmetric_unit_directions",
     "directions_for_count",
     "CtfParams",

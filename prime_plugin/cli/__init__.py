@@ -18,13 +18,14 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from prime_plugin.cli import (benchmark, check, convert_star, demo, mask, postprocess, reconstruct, refine,
-                              simulate, symmetry)
+from prime_plugin.cli import (align_symmetry, benchmark, check, convert_star, demo, mask, postprocess, reconstruct,
+                              refine, simulate, symmetry)
 from prime_plugin.cli.options import EXIT_STATUSES
 from prime_plugin.core.errors import PrimeInputError, PrimeRunError
 from prime_plugin.version import __version__
 
-COMMANDS = [demo, refine, check, convert_star, symmetry, simulate, reconstruct, mask, postprocess, benchmark]
+COMMANDS = [demo, refine, check, convert_star, symmetry, align_symmetry, simulate, reconstruct, mask, postprocess,
+            benchmark]
 PARAMETER_NAMES = {"pixel_size_A": "--angpix"}  # every command's; a command's own PARAMETER_NAMES add to them
 
 
@@ -54,7 +55,10 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         doc = module.__doc__.strip()
-        sub = commands.add_parser(command_name(module), help=doc.splitlines()[0], description=doc,
+        name = command_name(module)
+        # RELION's programs are spelled with underscores (relion_align_symmetry): that spelling works too.
+        aliases = [name.replace("-", "_")] if "-" in name else []
+        sub = commands.add_parser(name, aliases=aliases, help=doc.splitlines()[0], description=doc,
                                   epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_args(sub)
         sub.set_defaults(run=module.main, module=module)
