@@ -141,7 +141,7 @@ def timed_run(name, argv, shown, cache, limit_s=None):
     record["load_max"] = float(np.max(loads)) if loads else record["load_before"]
     record["rss_sampled_mb"], record["cpu_sampled_s"] = sampler.peak_rss_mb, sampler.cpu_s
     record.update(gnu_time(time_file))
-    ranks = [re.findall(r"^(\d+)$", p.read_text(), re.M) for p in sorted(cache.glob(f"rss_{name}_rank_*"))]
+    ranks = [re.findall(r"^(\d+)$", p.read_text(), re.MULTILINE) for p in sorted(cache.glob(f"rss_{name}_rank_*"))]
     if ranks and all(ranks):  # MPI: the sum of the ranks' peaks (GNU time on mpirun sees only the largest child)
         record["rss_ranks_mb"] = [int(r[-1]) / 1024 for r in ranks]
         record["rss_mb"] = sum(record["rss_ranks_mb"])
@@ -243,6 +243,28 @@ def update_results(section, text):
     """Write ``text`` as the section headed ``section`` of benchmarks/RESULTS.md (replacing the old one)."""
     path = REPO / "benchmarks" / "RESULTS.md"
     old = path.read_text() if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(section) + r".*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(re.escape(section) + r".*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
     path.write_text(new)
+
+
+def add_relion_pause_arguments(parser):
+    """--suspend / --resume: pause a benchmark's running RELION run (a logged pause, left out of its times)."""
+    parser.add_argument("--suspend", action="store_true", help="suspend RELION's running run (logged pause)")
+    parser.add_argument("--resume", action="store_true", help="resume RELION's suspended run")
+
+
+# Open MPI refuses 3 ranks on 2 cores without --oversubscribe (RELION's master rank only coordinates).
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3"]
+
+
+def timed_relion_run(cache, relion_args, limit_min):
+    """``relion_refine_mpi`` with ``relion_args`` under MPIRUN in ``cache``, into a fresh Refine3D/, timed by
+    :func:`timed_run` as "relion" (stopped after ``limit_min`` minutes of running time); each rank under its
+    own GNU time, so that the record's peak memory is the sum of the ranks' peaks."""
+    shutil.rmtree(cache / "Refine3D", ignore_errors=True)
+    (cache / "Refine3D").mkdir()
+    per_rank = ("exec /usr/bin/time -f %M -o rss_relion_rank_$OMPI_COMM_WORLD_RANK relion_refine_mpi "
+                + " ".join(relion_args))
+    shown = " ".join(MPIRUN) + " relion_refine_mpi " + " ".join(relion_args)
+    return timed_run("relion", [*MPIRUN, "sh", "-c", per_rank], shown, cache, limit_s=60 * limit_min)

@@ -61,8 +61,8 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import starfile
-
-from bench_common import REPO, prime_executable, suspend_run, timed_run, update_results
+from bench_common import (REPO, add_relion_pause_arguments, prime_executable, suspend_run, timed_relion_run, timed_run,
+                          update_results)
 from prime_plugin.core.fourier import fsc, low_pass, resolution_at, soft_sphere_mask
 from prime_plugin.core.geometry import euler_to_matrix, rotation_angles_deg
 from prime_plugin.core.symmetry import symmetry_operators
@@ -92,8 +92,6 @@ RELION_ARGS = ["--auto_refine", "--split_random_halves", "--ctf", "--firstiter_c
                "--offset_range", "5", "--offset_step", "2", "--flatten_solvent", "--zero_mask", "--norm", "--scale",
                "--pad", "2", "--low_resol_join_halves", "40", "--dont_combine_weights_via_disc", "--pool", "30",
                "--j", "1", "--i", "particles.star", "--ref", "start.mrc", "--o", "Refine3D/run", "--sym", SYMMETRY]
-# Open MPI refuses 3 ranks on 2 cores without --oversubscribe (RELION's master rank only coordinates).
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "3"]
 
 
 # ---------------------------------------------------------------- data
@@ -139,12 +137,7 @@ def run_prime(cache, rerun):
 def run_relion(cache, rerun, relion_limit_min):
     """RELION's run, unless its record is in the cache or committed (and ``rerun`` does not name it)."""
     if "relion" in rerun or (not (cache / "timing_relion.json").is_file() and not RELION_RECORD.is_file()):
-        shutil.rmtree(cache / "Refine3D", ignore_errors=True)
-        (cache / "Refine3D").mkdir()
-        per_rank = ("exec /usr/bin/time -f %M -o rss_relion_rank_$OMPI_COMM_WORLD_RANK relion_refine_mpi "
-                    + " ".join(RELION_ARGS))
-        shown = " ".join(MPIRUN) + " relion_refine_mpi " + " ".join(RELION_ARGS)
-        timed_run("relion", [*MPIRUN, "sh", "-c", per_rank], shown, cache, limit_s=60 * relion_limit_min)
+        timed_relion_run(cache, RELION_ARGS, relion_limit_min)
 
 
 # ---------------------------------------------------------------- scores
@@ -191,7 +184,7 @@ def pose_scores(cache, data_star, frame=None):
         raise SystemExit(f"{data_star}: {(order < 0).sum()} of the reference particles missing")
     errors, frame = angular_errors(ref_angles, angles[order], frame)
     return {"median_error_deg": float(np.median(errors)), "p90_error_deg": float(np.percentile(errors, 90)),
-            "within_5deg": float(np.mean(errors <= 5.0)), "matched": int(len(errors)),
+            "within_5deg": float(np.mean(errors <= 5.0)), "matched": len(errors),
             "median_origin_error_px": float(np.median(np.linalg.norm(origins[order] - ref_origins, axis=1))),
             "frame": np.round(frame).astype(int).tolist(), "errors": errors}
 
@@ -420,8 +413,7 @@ def main(argv=None):
     parser.add_argument("--relion_only", action="store_true", help="only make the data and run RELION")
     parser.add_argument("--prime_only", action="store_true",
                         help="only make the data and run prime (while RELION's run is suspended, say)")
-    parser.add_argument("--suspend", action="store_true", help="suspend RELION's running run (logged pause)")
-    parser.add_argument("--resume", action="store_true", help="resume RELION's suspended run")
+    add_relion_pause_arguments(parser)
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
     if args.suspend or args.resume:

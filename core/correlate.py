@@ -21,6 +21,7 @@ the transform work of the plain complex path (:func:`transform_work`).
 import numpy as np
 import scipy.fft
 
+from prime_plugin.core.paired_kernels import paired_cross_spectra
 from prime_plugin.core.pipelines import map_tiles
 
 
@@ -138,7 +139,9 @@ def paired_curves(reference_spectra, reference_powers, particle_spectra, particl
     reference_spectra (P, C, K, Q) and reference_powers (P, C, K): C candidate references per
     particle; particle_spectra (P, K, Q), particle_powers and particle_ctf2 (P, K).
     """
-    cross = (reference_spectra * np.conj(particle_spectra)[:, None]).sum(axis=2)           # (P, C, Q)
+    reference_spectra = np.ascontiguousarray(reference_spectra, np.complex64)
+    cross = np.empty(reference_spectra.shape[:2] + reference_spectra.shape[3:], np.complex64)     # (P, C, Q)
+    paired_cross_spectra(reference_spectra, np.ascontiguousarray(particle_spectra, np.complex64), cross)
     lam = scipy.fft.irfft(cross, n=n_rot, axis=-1)
     norms = np.sqrt(np.maximum((reference_powers * particle_ctf2[:, None]).sum(-1)
                                * particle_powers.sum(-1)[:, None], 1e-30))

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import scipy.fft
-
 from prime_plugin.core.errors import PrimeInputError
 
 _pools = {}
@@ -47,8 +46,15 @@ def map_tiles(work, items):
     pool = _pools.get(threads)
     if pool is None:
         pool = _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prime-tile")
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with single_threaded_blas():
         return list(pool.map(lambda item: _run_marked(work, item), items))
+
+
+def single_threaded_blas():
+    """Context: the BLAS on one thread. For many tiny problems in a row (a 2-parameter L-BFGS-B per
+    particle: scipy's calls the BLAS for vectors of 2, and on a busy machine the BLAS threads' wake-up
+    and synchronisation made each call about ten times slower, 48 instead of 4 ms)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 class thread_limit:

@@ -18,6 +18,7 @@ F_psi(k, phi) = F_0(k, phi + psi).
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.fft
@@ -71,6 +72,11 @@ class PolarGrid:
         phi = 2.0 * np.pi * np.arange(self.n_half) / self.n_rot
         k = self.rings[:, None]
         return k * np.cos(phi)[None, :], k * np.sin(phi)[None, :]
+
+    @cached_property
+    def shift_factors_f32(self):
+        """:meth:`shift_factors` as float32 arrays (computed once per grid)."""
+        return tuple(t.astype(np.float32) for t in self.shift_factors())
 
     def shift_factors(self):
         """(t_x, t_y) = 2 pi (kx, ky) / N, float64 (K, n_rot // 2): the phase of a 1-px shift."""
@@ -210,8 +216,14 @@ class PolarParticles:
 
 
 def apply_shifts(sections, grid, shifts_px):
-    """Centre particles with RELION origins (x, y) px: X(k, phi) * exp(-i (t_x x0 + t_y y0))."""
-    t_x, t_y = grid.shift_factors()
-    s = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+    """Centre particles with RELION origins (x, y) px: X(k, phi) * exp(-i (t_x x0 + t_y y0)), complex64.
+
+    Phases in float32 (errors ~1e-6 rad at the outer rings; float64 phases and a complex128 exp made
+    this 16x slower, and the local search calls it once per particle block and origin offset)."""
+    t_x, t_y = grid.shift_factors_f32
+    s = np.asarray(shifts_px, dtype=np.float32).reshape(-1, 2)
     phase = t_x[None] * s[:, 0, None, None] + t_y[None] * s[:, 1, None, None]
-    return (sections * np.exp(-1j * phase)).astype(np.complex64)
+    factor = np.empty(phase.shape, np.complex64)
+    factor.real = np.cos(phase)
+    factor.imag = -np.sin(phase)
+    return (sections * factor).astype(np.complex64, copy=False)

@@ -69,6 +69,24 @@ class FourierSums:
         np.add(self.rho, other.rho, out=self.rho)
         return self
 
+    def grown(self, box):
+        """These sums in the padded grid of the larger box ``box`` (the same padding): a padded grid's
+        frequency step is 1 / (padding N apix) whatever N (images cropped in Fourier space keep their
+        transform, :mod:`~prime_plugin.core.working_box`), so these sums are the centre of the larger
+        grid, which is zero around them. Needs sums whose insertions stayed inside their padded Nyquist."""
+        if box == self.box:
+            return self
+        if box < self.box:
+            raise ValueError(f"Fourier sums of box {self.box} cannot shrink to {box}")
+        grown = FourierSums.zeros(box, self.padding)
+        half = self.U.shape[0] // 2
+        # rfftn layout: the first two axes hold frequencies 0..half-1 then -half..-1; the last 0..half.
+        for rows in (slice(0, half), slice(-half, None)):
+            for columns in (slice(0, half), slice(-half, None)):
+                grown.U[rows, columns, :half + 1] = self.U[rows, columns]
+                grown.rho[rows, columns, :half + 1] = self.rho[rows, columns]
+        return grown
+
     def scaled(self, factor):
         """The sums times ``factor`` (e.g. 1 - update fraction)."""
         return FourierSums(self.U * np.float32(factor), self.rho * np.float32(factor), self.box, self.padding)

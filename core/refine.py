@@ -29,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from prime_plugin.core.directions import coarse_subset
 from prime_plugin.core.execution import make_backend
-from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.fourier import fsc, resolution_at, soft_sphere_mask
 from prime_plugin.core.fsc_correction import corrected_fsc
 from prime_plugin.core.geometry import euler_to_matrix, rotation_angles_deg
 from prime_plugin.core.noise import NoiseModel, first_estimate
-from prime_plugin.core.polar import PolarGrid
+from prime_plugin.core.pipelines import thread_limit
+from prime_plugin.core.polar import PolarGrid, default_n_rot
 from prime_plugin.core.projector import FourierProjector
 from prime_plugin.core.reconstruct import FourierSums, reconstruct_volume
 from prime_plugin.core.refine_setup import prepare
@@ -47,6 +46,7 @@ from prime_plugin.core.refine_tasks import (MASK_EDGE_PX, InsertChunk, Insertion
 from prime_plugin.core.run_folder import begin_run
 from prime_plugin.core.search import PolarReferences
 from prime_plugin.core.star_reconstruction import combined_fsc
+from prime_plugin.core.working_box import fourier_resize, insertion_radius_px, working_box, working_box_size
 
 log = logging.getLogger("prime.refine")
 CHECKPOINTS = ".checkpoint"
@@ -151,26 +151,31 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             local = params.local_sigma_deg is not None
             state = RefineState.start(setup.half, setup.input_angles_deg if local else
                                       np.full((len(setup.half), 3), np.nan), setup.start_shifts_px,
-                                      params.n_peaks, setup.initial_ring_limit, setup.box)
+                                      params.n_peaks, setup.initial_ring_limit,
+                                      working_box_size(setup.box, setup.initial_ring_limit))
             if params.noise_model:
                 state.noise = NoiseModel.empty(*setup.noise_groups, setup.box)
                 first_estimate(state.noise, setup.images, setup.mask_radius_px, MASK_EDGE_PX,
                                np.random.default_rng([params.seed, 4]))
                 log.info(f"Noise model: {state.noise.n_groups} group(s) "
                          f"({'micrographs' if setup.noise_by_micrograph else 'optics groups'}).")
-        maps = _current_maps(state, setup)
-        curve = None if state.iteration == 0 else gold_standard_fsc(maps, setup, params, state.iteration)
+        work = _working_box(setup, state.sums[0].box)
+        curve = None if state.iteration == 0 else gold_standard_fsc(_current_maps(state, setup, work), work, params,
+                                                                     state.iteration)
         while state.iteration < params.max_iter:
             started = time.perf_counter()
-            figures = _iterate(state, setup, params, curve, backend)
-            maps = _current_maps(state, setup)
-            curve = gold_standard_fsc(maps, setup, params, state.iteration)
+            work = _grow_working_box(state, setup)
+            figures = _iterate(state, setup, params, curve, backend, work)
+            maps = _current_maps(state, setup, work)
+            curve = gold_standard_fsc(maps, work, params, state.iteration)
             figures.update(_resolution_figures(state, setup, params, curve))
-            figures["resolution_unmasked_A"] = float(resolution_at(fsc(*maps), 0.143, setup.box, setup.pixel_size_A))
+            figures["resolution_unmasked_A"] = float(resolution_at(work.full_length(fsc(*maps)), 0.143,
+                                                                   setup.box, setup.pixel_size_A))
+            figures["working_box"] = work.box
             figures["seconds"] = round(time.perf_counter() - started, 2)
             state.history.append(figures)
             log.info(_log_line(figures))
-            outputs.write_iteration(out, state, setup, maps, curve)
+            outputs.write_iteration(out, state, setup, [fourier_resize(m, setup.box) for m in maps], curve)
             state.save(out / CHECKPOINTS)
             if progress is not None:
                 progress(state, figures)
@@ -181,15 +186,26 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
                 break
         if params.scale_weighting:
             log.info(_weight_summary(state.scale))
-        result = _final_maps(state, setup, params, backend)
+        result = _final_maps(state, setup, params, backend, curve)
         outputs.write_final(out, result, params)
+        log.info(_peak_memory_line())
     return result
+
+
+def _peak_memory_line():
+    """The log's last line: this process's peak resident memory (where the system reports it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return "Peak memory: not reported on this system."
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return f"Peak memory (resident set of this process): {peak_kb / 2**20:.2f} GB."
 
 
 def _log_line(f):
     return (f"iteration {f['iteration']:3d}: resolution {f['resolution_A']:.2f} A (FSC 0.143 under the mask; "
             f"{f['resolution_unmasked_A']:.2f} A unmasked), "
-            f"alignment to {f['ring_limit']} Fourier px, searched {f['updated']} particles, "
+            f"alignment to {f['ring_limit']} Fourier px at box {f['working_box']}, searched {f['updated']} particles, "
             f"visited {100 * f['fraction_visited']:.0f}% of the directions, median orientation change "
             f"{_degrees(f['orientation_change_deg'])}, mean correlation {f['mean_correlation']:.3f}, {f['seconds']:.1f} s")
 
@@ -210,51 +226,77 @@ def _degrees(value):
     return "n/a (first search)" if np.isnan(value) else f"{value:.2f} deg"
 
 
-def _current_maps(state, setup):
-    """Half maps from the current sums (the low-passed reference before the first iteration)."""
+def _working_box(setup, size):
+    return working_box(size, setup.box, setup.pixel_size_A, setup.mask)
+
+
+def _grow_working_box(state, setup):
+    """The working box of the next iteration (:mod:`~prime_plugin.core.working_box`): the one holding its
+    alignment limit and the last FSC's 0.143 crossing (RELION's current_size: the maps hold the resolution
+    reached, plus the margin, so that the final maps need no other box), never smaller than the sums'.
+    The sums grow to it (zeros beyond what they held)."""
+    shell = max([state.ring_limit] + [figures.get("resolution_shell", 0) for figures in state.history[-1:]])
+    size = working_box_size(setup.box, shell, current=state.sums[0].box)
+    state.sums = [sums.grown(size) for sums in state.sums]
+    return _working_box(setup, size)
+
+
+def _current_maps(state, setup, work):
+    """Half maps at the working box ``work`` from the current sums (the low-passed reference before the
+    first iteration)."""
     if state.iteration == 0:
-        return [setup.reference, setup.reference]
-    return _maps_from_sums(state.sums, setup)
+        reference = fourier_resize(setup.reference, work.box)
+        return [reference, reference]
+    return _maps_from_sums(state.sums, work)
 
 
-def gold_standard_fsc(maps, setup, params, iteration):
-    """The FSC between the two half maps under the mask: with a solvent mask (params.solvent_mask),
-    corrected for the mask by phase randomisation (:func:`~prime_plugin.core.fsc_correction.corrected_fsc`,
-    as relion_postprocess; seeded by the iteration), else under the soft sphere as it is. Before the
-    unmasked FSC falls below 0.8 there is nothing to correct: the masked FSC."""
-    masked = fsc(maps[0] * setup.mask, maps[1] * setup.mask)
+def gold_standard_fsc(maps, work, params, iteration):
+    """The FSC between the two half maps (at the WorkingBox ``work``) under its mask, as a curve of the
+    full box's shells: with a solvent mask (params.solvent_mask), corrected for the mask by phase
+    randomisation (:func:`~prime_plugin.core.fsc_correction.corrected_fsc`, as relion_postprocess; seeded
+    by the iteration), else under the soft sphere as it is. Before the unmasked FSC falls below 0.8 there
+    is nothing to correct: the masked FSC."""
+    masked = fsc(maps[0] * work.mask, maps[1] * work.mask)
     if not params.solvent_mask:
-        return masked
+        return work.full_length(masked)
     try:
-        return corrected_fsc(maps[0], maps[1], setup.mask, setup.pixel_size_A,
-                             rng=np.random.default_rng([params.seed, 5, iteration])).corrected
+        curve = corrected_fsc(maps[0], maps[1], work.mask, work.pixel_size_A,
+                              rng=np.random.default_rng([params.seed, 5, iteration])).corrected
     except ValueError:  # the unmasked FSC never falls below 0.8
-        return masked
+        curve = masked
+    return work.full_length(curve)
 
 
-def _maps_from_sums(sums, setup, curve=None):
-    """Half maps (Wiener-filtered with the FSC between them, or with ``curve`` when given) from two sums."""
-    corners = soft_sphere_mask(setup.box, setup.box / 2.0, 3.0)
+def _maps_from_sums(sums, work, curve=None):
+    """Half maps at ``work``'s box (Wiener-filtered with the FSC between them, or with ``curve`` when
+    given) from two sums."""
+    corners = soft_sphere_mask(work.box, work.box / 2.0, 3.0)
     if curve is None:
         first = [reconstruct_volume(s) * corners for s in sums]
-        curve = fsc(first[0] * setup.mask, first[1] * setup.mask)
+        curve = fsc(first[0] * work.mask, first[1] * work.mask)
     return [reconstruct_volume(s, curve) * corners for s in sums]
 
 
-def _previous_contributions(state, setup, params, rows, backend):
-    """Per half-set, the sums of particles ``rows`` inserted at their current orientations (those never
-    searched add nothing): exactly what the current sums hold of them."""
-    searched = rows[state.update_count[rows] > 0]
-    chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
-                          state.peak_angles_deg[part], state.peak_weights[part],
-                          state.scale[part] if params.scale_weighting else None)
-              for index, (half, part) in enumerate(_half_set_chunks(searched, setup.half, params.chunk_size))]
-    _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend), [c.half for c in chunks],
-                                 name=f"prime-previous-it{state.iteration:03d}")
-    return [sums.get(h) or FourierSums.zeros(setup.box) for h in (1, 2)]
+def _previous_contributions(state, setup, params, rows, backend, work):
+    """Per half-set, the sums (at ``work``'s box) of particles ``rows`` inserted at their current
+    orientations, each at the working box it was inserted at (those never searched add nothing):
+    exactly what the current sums hold of them."""
+    total = [FourierSums.zeros(work.box), FourierSums.zeros(work.box)]
+    inserted = rows[state.inserted_box[rows] > 0]
+    for box in np.unique(state.inserted_box[inserted]):
+        part_rows = inserted[state.inserted_box[inserted] == box]
+        chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part],
+                              _ctf_of(setup, part), state.peak_angles_deg[part], state.peak_weights[part],
+                              state.scale[part] if params.scale_weighting else None)
+                  for index, (half, part) in enumerate(_half_set_chunks(part_rows, setup.half, params.chunk_size))]
+        _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend, int(box)),
+                                     [c.half for c in chunks], name=f"prime-previous-it{state.iteration:03d}-{box}")
+        for h in sums:
+            total[h - 1] += sums[h].grown(work.box)
+    return total
 
 
-def _iterate(state, setup, params, curve, backend):
+def _iterate(state, setup, params, curve, backend, work):
     """One iteration: search the update set and replace its particles' insertions in the sums; returns
     the iteration's figures. ``curve``: the FSC between the current half maps (None before the first
     iteration), for the Wiener filter of the search references.
@@ -269,18 +311,19 @@ def _iterate(state, setup, params, curve, backend):
     state.iteration += 1
     rng = np.random.default_rng([params.seed, 2, state.iteration])
     rows = select_update_set(state, 1.0 if state.iteration == 1 else params.update_fraction, rng)
-    grid = PolarGrid(setup.box, 2, state.ring_limit, setup.n_rot)
+    # In-plane sampling follows the working box (SIMPLE's rule on the particle's radius in its px).
+    grid = PolarGrid(work.box, 2, state.ring_limit, default_n_rot(setup.mask_radius_px * work.scale))
     previous_angles = state.angles_deg[rows].copy()
     found = []
     for part in _passes(rows, len(state.half)):
-        found += _search_pass(state, setup, params, grid, part, curve, backend, first_chunk=len(found))
+        found += _search_pass(state, setup, params, grid, part, curve, backend, work, first_chunk=len(found))
     if state.noise is not None:
         state.noise.add(np.concatenate([f.rows for f in found]), np.concatenate([f.ring_residual for f in found]),
                         grid.rings.astype(np.int64), keep=1.0 - len(rows) / len(state.half))
     state.update_count[rows] += 1
     state.last_update[rows] = state.iteration
     changes = _orientation_changes(previous_angles, state.angles_deg[rows])
-    return {"iteration": state.iteration, "updated": int(len(rows)), "ring_limit": int(state.ring_limit),
+    return {"iteration": state.iteration, "updated": len(rows), "ring_limit": int(state.ring_limit),
             "fraction_visited": float(state.fraction_visited[rows].mean()),
             "orientation_change_deg": float(np.median(changes)) if changes.size else float("nan"),
             "mean_correlation": float(state.correlation[rows].mean())}
@@ -295,35 +338,39 @@ def _passes(rows, n_particles):
     return np.array_split(rows, count) if count > 1 else [rows]
 
 
-def _search_pass(state, setup, params, grid, rows, curve, backend, first_chunk):
-    """Search particles ``rows`` and replace their insertions in the sums; returns the tasks' outputs.
-    The pass's chunks are numbered from ``first_chunk`` (the number seeds each chunk's generator)."""
+def _search_pass(state, setup, params, grid, rows, curve, backend, work, first_chunk):
+    """Search particles ``rows`` at the working box ``work`` and replace their insertions in the sums;
+    returns the tasks' outputs. The pass's chunks are numbered from ``first_chunk`` (the number seeds
+    each chunk's generator)."""
     if curve is None:  # nothing inserted yet: the starting map
-        kept, maps = state.sums, [setup.reference, setup.reference]
+        kept = state.sums
+        maps = [fourier_resize(setup.reference, work.box)] * 2
     else:
-        previous = _previous_contributions(state, setup, params, rows, backend)
+        previous = _previous_contributions(state, setup, params, rows, backend, work)
         kept = [total - mine for total, mine in zip(state.sums, previous)]
         del previous
-        maps = _maps_from_sums(kept, setup, curve)
-    references = [PolarReferences.from_projector(FourierProjector(m * setup.mask), setup.directions_deg, grid)
+        maps = _maps_from_sums(kept, work, curve)
+    references = [PolarReferences.from_projector(FourierProjector(m * work.mask), setup.directions_deg, grid)
                   for m in maps]
     del maps
     settings = SearchSettings(references, grid, setup.directions_deg, setup.neighbours,
                               coarse_directions(setup, grid.k_to), setup.trs_px,
                               offset_step_px(setup, params, grid.k_to),
                               params.n_peaks, params.sigma, params.seed, state.iteration,
-                              _insertion_settings(setup, backend),
+                              _insertion_settings(setup, backend, work.box),
                               (setup.symmetry_ops, setup.angular_step_deg) if params.subgrid else None,
                               measure_noise=state.noise is not None, search_mode=params.search_mode,
-                              scale_weighting=params.scale_weighting, local_window_deg=_local_window_deg(params))
+                              scale_weighting=params.scale_weighting, local_window_deg=_local_window_deg(params),
+                              research_window_deg=research_window_deg(setup, grid.k_to))
     rings = grid.rings.astype(np.int64)
     local = params.local_sigma_deg is not None
     # a local search stays near the input orientations and origins; the others start from the current ones
     origins = setup.start_shifts_px if local else state.shift_px
+    centres = setup.input_angles_deg if local else (None if settings.research_window_deg is None else state.angles_deg)
     chunks = [SearchChunk(index, half, part, setup.images.locate(part), origins[part], _ctf_of(setup, part),
-                          state.direction[part], state.psi_index[part],
+                          state.direction[part], _psi_indices(state.angles_deg[part], grid),
                           None if state.noise is None else state.noise.ring_weights(part, rings),
-                          setup.input_angles_deg[part] if local else None)
+                          None if centres is None else centres[part])
               for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size),
                                                    start=first_chunk)]
     found, new_sums = backend.map_reduce(search_chunk, chunks, settings, [c.half for c in chunks],
@@ -332,8 +379,16 @@ def _search_pass(state, setup, params, grid, rows, curve, backend, first_chunk):
     for orientations in found:
         _record(state, orientations)
     for h in (1, 2):  # a half with no particle in this pass adds nothing
-        state.sums[h - 1] = kept[h - 1] + (new_sums.pop(h) if h in new_sums else FourierSums.zeros(setup.box))
+        state.sums[h - 1] = kept[h - 1] + (new_sums.pop(h) if h in new_sums else FourierSums.zeros(work.box))
+    state.inserted_box[rows] = work.box
     return found
+
+
+def _psi_indices(angles_deg, grid):
+    """The in-plane index (on ``grid``'s n_rot angles) nearest each particle's psi; 0 where unknown. The
+    previous search may have used another in-plane sampling (a smaller working box)."""
+    psi = np.nan_to_num(angles_deg[:, 2])
+    return np.rint(psi / grid.psi_step_deg).astype(np.int64) % grid.n_rot
 
 
 def _local_window_deg(params):
@@ -355,6 +410,29 @@ def offset_step_px(setup, params, ring_limit):
     return float(np.clip(step, 1.0, max(1.0, setup.trs_px / 2.0)))
 
 
+LOCAL_RESEARCH_BELOW_DEG = 2.5  # re-searches turn local once the resolution needs a finer sampling than this
+LOCAL_RESEARCH_SAMPLINGS = 3.0  # ... within this many required samplings of the current orientation
+
+
+def required_sampling_deg(setup, ring_limit):
+    """The angular sampling (deg) alignment to ``ring_limit`` (Fourier px) needs: the angle over which the
+    particle's edge moves by one resolution element, 360 r / (pi D) (RELION's rule)."""
+    return 360.0 * setup.box / (np.pi * ring_limit * 2.0 * setup.mask_radius_px)
+
+
+def research_window_deg(setup, ring_limit):
+    """The orientation window (deg) of a re-search at alignment limit ``ring_limit``, or None (exhaustive):
+    once the required sampling is finer than LOCAL_RESEARCH_BELOW_DEG, a particle searched before is
+    searched within LOCAL_RESEARCH_SAMPLINGS samplings of its current orientation (at least two grid
+    steps). Scoring the whole coarse grid at every origin there cost most of an iteration at box 256
+    (benchmarks/RESULTS.md, "Realistic sizes"); its orientation is by then known to about a sampling.
+    Data at box 64 and 3.5-5 A/px never get there (their finest required sampling is about 4 degrees)."""
+    needed = required_sampling_deg(setup, ring_limit)
+    if needed >= LOCAL_RESEARCH_BELOW_DEG:
+        return None
+    return max(LOCAL_RESEARCH_SAMPLINGS * needed, 2.0 * setup.angular_step_deg)
+
+
 COARSE_OVERSAMPLING = 1.5  # the coarse grid's step is the resolution's required sampling / this
 MAX_COARSE_FRACTION = 0.25  # the coarse grid never holds more than this fraction of the directions
 
@@ -364,7 +442,7 @@ def coarse_directions(setup, ring_limit):
     (Fourier px): a grid whose step is the angular sampling this resolution needs (RELION's rule: the
     angle over which the particle's edge moves by one resolution element, 360 r / (pi D) degrees),
     divided by COARSE_OVERSAMPLING; at most MAX_COARSE_FRACTION of the directions."""
-    needed_deg = 360.0 * setup.box / (np.pi * ring_limit * 2.0 * setup.mask_radius_px) / COARSE_OVERSAMPLING
+    needed_deg = required_sampling_deg(setup, ring_limit) / COARSE_OVERSAMPLING
     fraction = min(MAX_COARSE_FRACTION, (setup.angular_step_deg / needed_deg) ** 2)
     return coarse_subset(setup.directions_deg, setup.symmetry_ops, fraction)
 
@@ -382,9 +460,12 @@ def _ctf_of(setup, rows):
     return None if setup.ctf is None else setup.ctf.take(rows)
 
 
-def _insertion_settings(setup, backend):
-    return InsertionSettings(setup.box, setup.pixel_size_A, setup.mask_radius_px, setup.symmetry_ops,
-                             backend.threads_per_task)
+def _insertion_settings(setup, backend, box=None):
+    """Insertion at working box ``box`` (default: the full box, the final maps)."""
+    box = setup.box if box is None else int(box)
+    return InsertionSettings(box, setup.pixel_size_A * setup.box / box, setup.mask_radius_px, setup.symmetry_ops,
+                             backend.threads_per_task, image_box=setup.box,
+                             insertion_radius_px=insertion_radius_px(box, setup.box))
 
 
 def _record(state, found):
@@ -410,6 +491,7 @@ def _resolution_figures(state, setup, params, curve):
     crossing = sustained_crossing(curve, threshold)
     state.ring_limit = int(np.clip(max(crossing, setup.initial_ring_limit), 3, box // 2 - 2))
     return {"resolution_A": float(resolution_at(curve, 0.143, box, apix)),
+            "resolution_shell": int(sustained_crossing(curve, 0.143)),
             "resolution_05_A": float(resolution_at(curve, 0.5, box, apix)),
             "next_ring_limit": state.ring_limit, "next_limit_A": float(box * apix / state.ring_limit)}
 
@@ -443,24 +525,40 @@ def _converged(state, params, setup):
     return visited and steady and limit_fixed and not improving
 
 
-def _final_maps(state, setup, params, backend):
-    """Every particle inserted once at its final orientations (chunks run by ``backend``): final
-    half maps, FSC and combined map."""
-    everyone = np.arange(len(state.half))
-    chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
-                          state.peak_angles_deg[part], state.peak_weights[part],
-                          state.scale[part] if params.scale_weighting else None)
-              for index, (half, part) in enumerate(_half_set_chunks(everyone, setup.half, params.chunk_size))]
-    _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend), [c.half for c in chunks],
-                                 name="prime-final")
-    final = [sums[1], sums[2]]
-    corners = soft_sphere_mask(setup.box, setup.box / 2.0, 3.0)
+def _final_maps(state, setup, params, backend, curve):
+    """The final half maps, FSC and combined map, from sums holding every particle once at its final
+    orientations: the refinement's sums, which already do, at the final box (the one holding the last
+    FSC's sustained 0.143 crossing plus the working margin, :mod:`~prime_plugin.core.working_box`; the
+    full box when that reaches it). The particles last inserted at a smaller box are inserted anew at
+    it (chunks run by ``backend``). Maps of the full box; nothing beyond the final box: the FSC was
+    below 0.143 for WORK_MARGIN_PX shells before it."""
+    size = working_box_size(setup.box, sustained_crossing(curve, 0.143), current=state.sums[0].box)
+    state.sums = [sums.grown(size) for sums in state.sums]
+    work = _working_box(setup, size)
+    behind = np.flatnonzero(state.inserted_box < size)
+    if behind.size:
+        previous = _previous_contributions(state, setup, params, behind, backend, work)
+        chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part],
+                              _ctf_of(setup, part), state.peak_angles_deg[part], state.peak_weights[part],
+                              state.scale[part] if params.scale_weighting else None)
+                  for index, (half, part) in enumerate(_half_set_chunks(behind, setup.half, params.chunk_size))]
+        _, fresh = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend, size),
+                                      [c.half for c in chunks], name="prime-final")
+        for h in (1, 2):
+            state.sums[h - 1] = state.sums[h - 1] - previous[h - 1] + (fresh.get(h) or FourierSums.zeros(size))
+        state.inserted_box[behind] = size
+        log.info(f"Final maps at box {size}: {behind.size} particles inserted anew at it.")
+    final = state.sums
+    corners = soft_sphere_mask(size, size / 2.0, 3.0)
     first = [reconstruct_volume(s) * corners for s in final]
-    curve = fsc(first[0] * setup.mask, first[1] * setup.mask)
-    half_maps = [reconstruct_volume(s, curve) * corners for s in final]
-    both = FourierSums(final[0].U + final[1].U, final[0].rho + final[1].rho, setup.box)
-    volume = reconstruct_volume(both, combined_fsc(curve)) * corners
+    own_curve = fsc(first[0] * work.mask, first[1] * work.mask)
+    del first
+    half_maps = [reconstruct_volume(s, own_curve) * corners for s in final]
+    both = FourierSums(final[0].U + final[1].U, final[0].rho + final[1].rho, size)
+    volume = fourier_resize(reconstruct_volume(both, combined_fsc(own_curve)) * corners, setup.box)
+    del both
     # Reported as in every iteration: the FSC of the written (Wiener-filtered) half maps, masked.
-    reported = gold_standard_fsc(half_maps, setup, params, state.iteration + 1)
+    reported = gold_standard_fsc(half_maps, work, params, state.iteration + 1)
+    half_maps = [fourier_resize(m, setup.box) for m in half_maps]
     return RefineResult(half_maps, volume, reported,
                         float(resolution_at(reported, 0.143, setup.box, setup.pixel_size_A)), state, setup)

@@ -3,8 +3,10 @@
 Per particle (arrays of length n, the only memory that grows with the data set):
 the half-set, the current best orientation (direction index, in-plane index, Euler
 angles, origin), the n_peaks orientations with their weights, the correlation, how
-often and when it was last searched, and the fraction of the search space its last
-search visited. Per half-set: the Fourier sums U and rho. Per iteration: the figures
+often and when it was last searched, the fraction of the search space its last
+search visited, and the working box its insertion in the sums was made at
+(:mod:`~prime_plugin.core.working_box`; 0: not inserted). Per half-set: the Fourier
+sums U and rho, at the current working box. Per iteration: the figures
 of the convergence report.
 
 A checkpoint is the sums of both halves plus one .npz of everything else, each
@@ -26,7 +28,7 @@ from prime_plugin.core.reconstruct import FourierSums
 STATE_NAME = "checkpoint_state.npz"
 PER_PARTICLE = ("half", "direction", "psi_index", "angles_deg", "shift_px", "correlation", "update_count",
                 "last_update", "fraction_visited", "peak_directions", "peak_psi", "peak_angles_deg",
-                "peak_weights", "peak_correlations", "scale")
+                "peak_weights", "peak_correlations", "scale", "inserted_box")
 
 
 @dataclass
@@ -50,13 +52,15 @@ class RefineState:
     peak_weights: np.ndarray
     peak_correlations: np.ndarray
     scale: np.ndarray
+    inserted_box: np.ndarray = None
     sums: list = field(default_factory=list)
     history: list = field(default_factory=list)
     noise: object = None  # a NoiseModel, or None when the search is unweighted
 
     @classmethod
     def start(cls, half, angles_deg, shift_px, n_peaks, ring_limit, box, padding=2.0):
-        """A state before the first iteration: given angles (or NaN when unknown) and shifts."""
+        """A state before the first iteration: given angles (or NaN when unknown) and shifts; empty sums
+        of ``box`` (the first working box)."""
         n = len(half)
         return cls(iteration=0, ring_limit=ring_limit, half=np.asarray(half, np.int64),
                    direction=np.full(n, -1, np.int64), psi_index=np.zeros(n, np.int64),
@@ -65,6 +69,7 @@ class RefineState:
                    fraction_visited=np.zeros(n), peak_directions=np.full((n, n_peaks), -1, np.int64),
                    peak_psi=np.zeros((n, n_peaks), np.int64), peak_angles_deg=np.zeros((n, n_peaks, 3)),
                    peak_weights=np.zeros((n, n_peaks)), peak_correlations=np.zeros((n, n_peaks)), scale=np.ones(n),
+                   inserted_box=np.zeros(n, np.int64),
                    sums=[FourierSums.zeros(box, padding), FourierSums.zeros(box, padding)])
 
     def save(self, folder):
@@ -93,7 +98,7 @@ class RefineState:
         if not path.is_file():
             raise PrimeInputError("no checkpoint to continue from (run without --continue)", folder)
         with np.load(path) as saved:
-            values = {name: saved[name] for name in PER_PARTICLE}
+            values = {name: saved[name] for name in PER_PARTICLE if name in saved}
             iteration = int(saved["iteration"])
             state = cls(iteration=iteration, ring_limit=int(saved["ring_limit"]),
                         history=json.loads(str(saved["history"])), **values)
@@ -101,6 +106,8 @@ class RefineState:
                 state.noise = NoiseModel(saved["noise_group"], saved["noise_optics"], saved["noise_sums"],
                                          saved["noise_particles"])
         state.sums = [FourierSums.load(folder / f"checkpoint_half{h}_it{iteration:03d}.npz") for h in (1, 2)]
+        if state.inserted_box is None:  # a checkpoint of the releases that inserted at the full box only
+            state.inserted_box = np.where(state.update_count > 0, state.sums[0].box, 0).astype(np.int64)
         return state
 
 

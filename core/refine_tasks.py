@@ -25,15 +25,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import numpy as np
-
 from prime_plugin.core.ctf import ctf_image
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.noise import fit_to_reference
+from prime_plugin.core.pipelines import thread_limit
 from prime_plugin.core.polar import apply_shifts, normalise_and_mask, particle_sections, polar_ctf, polar_transforms
 from prime_plugin.core.reconstruct import Backprojector, FourierSums
 from prime_plugin.core.search import search_particles
 from prime_plugin.core.shifts import rotated_half_rings
-from prime_plugin.core.pipelines import thread_limit
+from prime_plugin.core.working_box import fourier_resize
 
 SEARCH_RANDOM_STREAM = 3  # the chunks' generators: default_rng([seed, 3, iteration, chunk index])
 MASK_EDGE_PX = 4.0  # soft edge of the circular mask and margin of the background ring
@@ -43,15 +43,30 @@ RESEARCH_RADIUS = 1.0  # an exhaustive re-search scores origins within this frac
 
 @dataclass
 class InsertionSettings:
-    """Constants of the reconstruction: box (px), pixel_size_A (A), mask_radius_px (px, the particle
-    mask; the background outside it normalises the images), symmetry_ops float64 (s, 3, 3), and
-    threads, the threads a task may use (None: the calling process's settings)."""
+    """Constants of the reconstruction: box (px) and pixel_size_A (A) of the sums (the working box,
+    :mod:`~prime_plugin.core.working_box`), mask_radius_px (px of the stored images: the particle mask;
+    the background outside it normalises the images), symmetry_ops float64 (s, 3, 3), threads, the
+    threads a task may use (None: the calling process's settings), image_box (px) the stored images'
+    box (None: ``box``; larger: the images are Fourier-cropped to ``box`` after normalisation) and
+    insertion_radius_px (Fourier px, exclusive; None: Nyquist). Origins and search radii a task
+    receives and returns are in stored px."""
 
     box: int
     pixel_size_A: float
     mask_radius_px: float
     symmetry_ops: np.ndarray
     threads: int = None
+    image_box: int = None
+    insertion_radius_px: float = None
+
+    @property
+    def scale(self):
+        """Working px per stored px."""
+        return 1.0 if self.image_box is None else self.box / self.image_box
+
+    def working_images(self, images):
+        """Stored images float32 (k, n, n), already normalised: at the working box (k, box, box)."""
+        return fourier_resize(images, self.box, dims=2)
 
 
 @dataclass
@@ -76,6 +91,10 @@ class SearchSettings:
     local_window_deg : with it, every particle is searched only within this angle of its chunk's
     centre orientation (SearchChunk.centre_angles_deg) and at origins around the chunk's shifts
     (:mod:`~prime_plugin.core.local_search`); search_mode is then unused.
+    research_window_deg : with it (and no local_window_deg), the greedy re-search of a particle searched
+    before scores only the orientations within this angle of its current one (SearchChunk.centre_angles_deg)
+    instead of the whole coarse grid: at high resolution, where the grid that resolution needs is too fine
+    to score everywhere (RELION's local searches of auto-refine's last iterations).
     """
 
     references: list
@@ -95,6 +114,7 @@ class SearchSettings:
     search_mode: str = "greedy"
     scale_weighting: bool = False
     local_window_deg: float = None
+    research_window_deg: float = None
 
 
 @dataclass
@@ -201,24 +221,25 @@ def search_chunk(chunk, settings):
     with _task_threads(insertion.threads):
         rng = np.random.default_rng([settings.seed, SEARCH_RANDOM_STREAM, settings.iteration, chunk.index])
         normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
-        masked = normalise_and_mask(normalised, insertion.mask_radius_px, MASK_EDGE_PX)
+        masked = insertion.working_images(normalise_and_mask(normalised, insertion.mask_radius_px, MASK_EDGE_PX))
+        normalised = insertion.working_images(normalised)
         transforms = polar_transforms(masked, settings.grid)
         del masked
+        to_working = insertion.scale  # the search works in px of the working box
+        shift_px = chunk.shift_px * to_working
         particles = particle_sections(None, settings.grid, ctf=chunk.ctf, pixel_size_A=insertion.pixel_size_A,
                                       ring_weights=chunk.ring_weights, transforms=transforms)
         references = settings.references[chunk.half - 1]
         found = ChunkOrientations.empty(chunk.rows, settings.n_peaks)
-        for pick, previous_known, trs_px in _search_groups(chunk, settings):
+        for pick, previous_known, trs_px, window_deg in _search_groups(chunk, settings):
             pick = np.flatnonzero(pick)
             if pick.size == 0:
                 continue
             previous = (chunk.direction[pick], chunk.psi_index[pick]) if previous_known else None
-            local = None
-            if settings.local_window_deg is not None:
-                local = (chunk.centre_angles_deg[pick], insertion.symmetry_ops, settings.local_window_deg)
-            result = search_particles(references, particles.take(pick), settings.grid, chunk.shift_px[pick], rng,
+            local = None if window_deg is None else (chunk.centre_angles_deg[pick], insertion.symmetry_ops, window_deg)
+            result = search_particles(references, particles.take(pick), settings.grid, shift_px[pick], rng,
                                       previous=previous, n_peaks=settings.n_peaks, sigma=settings.sigma,
-                                      trs_px=trs_px, shift_step_px=settings.shift_step_px,
+                                      trs_px=trs_px * to_working, shift_step_px=settings.shift_step_px * to_working,
                                       neighbours=settings.neighbours, coarse=settings.coarse_directions,
                                       subgrid=settings.subgrid, local=local)
             found.store(pick, result, settings.directions_deg, settings.grid.psi_step_deg)
@@ -231,19 +252,22 @@ def search_chunk(chunk, settings):
         del transforms
         sums = insert_particles(normalised, found.shift_px, chunk.ctf, found.peak_angles_deg, found.peak_weights,
                                 insertion, found.scale if settings.scale_weighting else None)
+        found.shift_px /= to_working
     return found, sums
 
 
 def _search_groups(chunk, settings):
-    """(particles (bool mask), previous orientation known, origin radius px) of each kind of search:
-    local searches (all particles, when asked for); else first searches, exhaustive re-searches
-    (origins near the previous ones) and stochastic hill climbs."""
+    """(particles (bool mask), previous orientation known, origin radius px, orientation window deg or None)
+    of each kind of search: local searches (all particles, when asked for); else first searches,
+    re-searches (origins near the previous ones; exhaustive, or within research_window_deg of the current
+    orientation) and stochastic hill climbs."""
     if settings.local_window_deg is not None:
-        return [(np.ones(len(chunk.rows), bool), False, settings.trs_px)]
+        return [(np.ones(len(chunk.rows), bool), False, settings.trs_px, settings.local_window_deg)]
     searched = chunk.direction >= 0
     climbing = searched & (settings.search_mode == "shc")
-    return [(~searched, False, settings.trs_px), (searched & ~climbing, False, RESEARCH_RADIUS * settings.trs_px),
-            (climbing, True, settings.trs_px)]
+    return [(~searched, False, settings.trs_px, None),
+            (searched & ~climbing, False, RESEARCH_RADIUS * settings.trs_px, settings.research_window_deg),
+            (climbing, True, settings.trs_px, None)]
 
 
 def _fit_at_best(transforms, found, ctf, references, grid, pixel_size_A, ring_weights):
@@ -259,8 +283,8 @@ def insert_chunk(chunk, insertion):
     """Insert an :class:`InsertChunk` with :class:`InsertionSettings`; returns (None, FourierSums)."""
     with _task_threads(insertion.threads):
         normalised = normalise_and_mask(chunk.images.read(), insertion.mask_radius_px, MASK_EDGE_PX, mask=False)
-        sums = insert_particles(normalised, chunk.shift_px, chunk.ctf, chunk.peak_angles_deg, chunk.peak_weights,
-                                insertion, chunk.scale)
+        sums = insert_particles(insertion.working_images(normalised), chunk.shift_px * insertion.scale, chunk.ctf,
+                                chunk.peak_angles_deg, chunk.peak_weights, insertion, chunk.scale)
     return None, sums
 
 
@@ -274,7 +298,8 @@ def insert_particles(images, shift_px, ctf, peak_angles_deg, peak_weights, inser
     mate is inserted. Returns new FourierSums of box N.
     """
     ops = insertion.symmetry_ops
-    backprojector = Backprojector(insertion.box, symmetry_ops=ops if len(ops) > 1 else None)
+    backprojector = Backprojector(insertion.box, max_radius_px=insertion.insertion_radius_px,
+                                  symmetry_ops=ops if len(ops) > 1 else None)
     sums = FourierSums.zeros(insertion.box, backprojector.padding)
     ctf_grid = None if ctf is None else ctf_image(ctf, insertion.box, insertion.pixel_size_A, rfft=True)
     data, ctf2 = backprojector.image_transforms(images, shift_px, ctf_grid)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-
 from prime_plugin.core.correlate import (best_rotations_prepared, normalisers, paired_curves, particle_operand,
                                          reference_operand, ring_powers, ring_spectra)
 from prime_plugin.core.geometry import euler_to_matrix
 from prime_plugin.core.local_search import local_candidates, local_search
-from prime_plugin.core.pipelines import map_tiles
+from prime_plugin.core.pipelines import map_tiles, single_threaded_blas
 from prime_plugin.core.polar import reference_sections
 from prime_plugin.core.shifts import refine_shift
 from prime_plugin.core.subgrid import refine_best_orientations
@@ -262,14 +261,8 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
     values, directions, psi = (np.array(a) for a in peaks)
     shifts = start_shifts.copy()
     if refine_shifts and trs_px:
-        for i in range(len(shifts)):
-            j = directions[i, 0]
-            norm = float(np.sqrt(max((references.powers[j] * particles.ctf2[i]).sum()
-                                     * particles.powers[i].sum(), 1e-30)))
-            shift, m, value, _ = refine_shift(references.sections[j], particles.sections[i], norm, grid,
-                                              start_shifts[i], shift_step_px)
-            if value >= values[i, 0]:
-                shifts[i], psi[i, 0], values[i, 0] = shift, m, value
+        with single_threaded_blas():
+            _refine_origins(references, particles, grid, directions, psi, values, start_shifts, shifts, shift_step_px)
     weights = softmax_weights(values, sigma)
     best_angles = None
     if subgrid is not None and neighbours is not None:
@@ -279,3 +272,17 @@ def search_particles(references, particles, grid, shifts_px, rng, previous=None,
                                                particles.ctf2, directions[:, 0], grid.n_rot, angular_step_deg)
     return SearchResult(directions[:, 0], psi[:, 0], shifts, values[:, 0], directions, psi, values, weights,
                         fraction, best_angles)
+
+
+def _refine_origins(references, particles, grid, directions, psi, values, start_shifts, shifts, step_px):
+    """L-BFGS-B origin refinement of each particle at its best orientation (:func:`refine_shift`, bounds
+    +-step_px around its start): ``shifts``, ``psi`` and ``values`` (best peak, column 0) updated in place
+    where the refined origin correlates better."""
+    for i in range(len(shifts)):
+        j = directions[i, 0]
+        norm = float(np.sqrt(max((references.powers[j] * particles.ctf2[i]).sum()
+                                 * particles.powers[i].sum(), 1e-30)))
+        shift, m, value, _ = refine_shift(references.sections[j], particles.sections[i], norm, grid,
+                                          start_shifts[i], step_px)
+        if value >= values[i, 0]:
+            shifts[i], psi[i, 0], values[i, 0] = shift, m, value

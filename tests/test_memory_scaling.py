@@ -74,3 +74,30 @@ def test_refine_memory_is_flat(data_sets):
                             cwd=folder) for n in (SMALL, LARGE)}
     print(f"\nprime refine peak RSS: {peaks[SMALL]:.0f} MB ({SMALL}) vs {peaks[LARGE]:.0f} MB ({LARGE})")
     assert peaks[LARGE] <= peaks[SMALL] + ALLOWANCE_MB
+
+
+def test_a_full_size_box_256_iteration_stays_within_the_memory_model(tmp_path):
+    """One refinement iteration whose working box is the full 256 px box (an alignment limit near
+    Nyquist), then the final maps at 256 px: the peak resident set stays within what
+    core/memory.refine_bytes predicts for it (the model the refinement refuses to start by)."""
+    from importlib.resources import files
+
+    from prime_plugin.core import memory
+    from prime_plugin.core.polar import default_n_rot
+
+    box, apix, n_particles, n_space = 256, 0.9, 20, 100
+    demo_map = files("prime_plugin") / "data" / "betagal_d2_64.mrc"  # 64 px of 3.6 A
+    with mrcfile.new(tmp_path / "ref.mrc") as mrc:
+        mrc.set_data(mrcfile.read(demo_map))
+        mrc.voxel_size = 3.6
+    subprocess.run([sys.executable, "-m", "prime_plugin.cli", "simulate", "--map", "ref.mrc", "--n",
+                    str(n_particles), "--o", "sim", "--rescale_angpix", str(apix), "--snr", "0.1", "--seed", "3",
+                    "--defocus", "1", "2"], cwd=tmp_path, check=True, capture_output=True, timeout=900)
+    peak = peak_rss_mb("refine", "--i", "sim/particles.star", "--ref", "ref.mrc", "--o", "run", "--max_iter", 1,
+                       "--update_frac", 1.0, "--nspace", n_space, "--ini_high", 2 * apix, "--j", 2, cwd=tmp_path)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert f"at box {box}," in log  # the iteration worked at the full box
+    radius_px = 0.9 * box / 2  # the default particle diameter: 90% of the box
+    model_mb = sum(memory.refine_bytes(box, n_particles, n_space, default_n_rot(radius_px)).values()) / 2**20
+    print(f"\nbox {box} iteration: peak RSS {peak:.0f} MB, model {model_mb:.0f} MB")
+    assert peak <= model_mb

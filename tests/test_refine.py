@@ -211,24 +211,36 @@ def test_outputs_are_complete_and_consistent(refined):
 def test_sums_hold_one_insertion_of_every_particle(dataset, refined):
     """After iterations that each replace the update set's insertions (searched against sums without
     them), the sums equal a fresh insertion of every particle at its current orientations, weights and
-    contrast: the subtractions removed exactly what had been added."""
+    contrast, each at the working box it was last inserted at, grown to the sums' box: the subtractions
+    removed exactly what had been added, also across working boxes."""
     from prime_plugin.core.refine_tasks import InsertionSettings, insert_particles
     from prime_plugin.core.polar import normalise_and_mask
+    from prime_plugin.core.reconstruct import FourierSums
+    from prime_plugin.core.working_box import insertion_radius_px
 
     folder, _, _ = dataset
     _, result, _, _ = refined
     state, setup = result.state, result.setup
     scale_weighting = RefineParameters("", "", "").scale_weighting  # the fixture runs with the defaults
-    insertion = InsertionSettings(setup.box, setup.pixel_size_A, setup.mask_radius_px, setup.symmetry_ops)
+    boxes = np.unique(state.inserted_box)
+    assert boxes.min() > 0  # every particle inserted
+    # the working box grew on the way: particles inserted at a smaller box were replaced at a larger one
+    assert len({figures["working_box"] for figures in state.history}) >= 2
     here = os.getcwd()
     os.chdir(folder)
     try:
         for h in (1, 2):
-            rows = np.flatnonzero(state.half == h)
-            images = normalise_and_mask(setup.images.locate(rows).read(), setup.mask_radius_px, 4.0, mask=False)
-            fresh = insert_particles(images, state.shift_px[rows], setup.ctf.take(rows), state.peak_angles_deg[rows],
-                                     state.peak_weights[rows], insertion,
-                                     state.scale[rows] if scale_weighting else None)
+            fresh = FourierSums.zeros(state.sums[h - 1].box)
+            for box in boxes:
+                rows = np.flatnonzero((state.half == h) & (state.inserted_box == box))
+                insertion = InsertionSettings(int(box), setup.pixel_size_A * setup.box / box, setup.mask_radius_px,
+                                              setup.symmetry_ops, image_box=setup.box,
+                                              insertion_radius_px=insertion_radius_px(box, setup.box))
+                images = normalise_and_mask(setup.images.locate(rows).read(), setup.mask_radius_px, 4.0, mask=False)
+                fresh += insert_particles(insertion.working_images(images), state.shift_px[rows] * box / setup.box,
+                                          setup.ctf.take(rows), state.peak_angles_deg[rows], state.peak_weights[rows],
+                                          insertion, state.scale[rows] if scale_weighting else None
+                                          ).grown(fresh.box)
             kept = state.sums[h - 1]
             for name in ("U", "rho"):
                 ours, theirs = getattr(kept, name), getattr(fresh, name)

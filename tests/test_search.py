@@ -52,6 +52,25 @@ def test_correlation_equals_brute_force(n_rot, with_ctf):
     np.testing.assert_allclose(best, slow.max(-1), atol=2e-6)
 
 
+@pytest.mark.parametrize("n_rot", [8, 30])
+def test_paired_curves_equal_brute_force(n_rot):
+    """The local search's scoring (each particle against its own candidates, a numba kernel) against the
+    brute-force correlation of every in-plane angle."""
+    from prime_plugin.core.correlate import paired_curves
+
+    rng = np.random.default_rng(n_rot + 1)
+    rings, n_particles, n_candidates = 6, 3, 4
+    Y = random_sections(rng, 7, rings, n_rot // 2)
+    X = random_sections(rng, n_particles, rings, n_rot // 2)
+    ctf2 = rng.uniform(0.1, 1.0, (n_particles, rings)).astype(np.float32)
+    candidates = rng.integers(0, len(Y), (n_particles, n_candidates))
+    spectra, powers = ring_spectra(Y), ring_powers(Y)
+    fast = paired_curves(spectra[candidates], powers[candidates], ring_spectra(X), ring_powers(X), ctf2, n_rot)
+    for p in range(n_particles):
+        slow = brute_force(Y[candidates[p]], X[p:p + 1], ctf2[p:p + 1], n_rot)[:, 0]
+        np.testing.assert_allclose(fast[p], slow, atol=2e-6 * np.abs(slow).max())
+
+
 def test_friedel_path_equals_complex_path_and_saves_work():
     rng = np.random.default_rng(1)
     n_rot, rings = 256, 48

@@ -7,7 +7,9 @@ searches every particle; each later one searches a fraction of them (--update_fr
 incremental learning) against its half map without their own previous contribution. The
 correlation weighs each Fourier ring by the noise power of the particle's micrograph. The
 alignment is limited to the resolution where the half maps still agree, and the run stops
-when the orientations and the resolution no longer change, or at --max_iter.
+when the orientations and the resolution no longer change, or at --max_iter. Each iteration
+works on the particles Fourier-cropped to the box its resolution needs (the resolution plus
+10 Fourier pixels; run.log names it), and the final maps are written at the full box.
 
 Outputs in --o, named as RELION's Refine3D job names them: run_data.star,
 run_half1_class001_unfil.mrc, run_half2_class001_unfil.mrc, run_class001.mrc,
