@@ -175,7 +175,7 @@ def refine(params, on_iteration=None, resume=False, progress=None, prepared=None
             figures["seconds"] = round(time.perf_counter() - started, 2)
             state.history.append(figures)
             log.info(_log_line(figures))
-            outputs.write_iteration(out, state, setup, [fourier_resize(m, setup.box) for m in maps], curve)
+            outputs.write_iteration(out, state, setup, [work.written(m) for m in maps], curve)
             state.save(out / CHECKPOINTS)
             if progress is not None:
                 progress(state, figures)
@@ -555,10 +555,11 @@ def _final_maps(state, setup, params, backend, curve):
     del first
     half_maps = [reconstruct_volume(s, own_curve) * corners for s in final]
     both = FourierSums(final[0].U + final[1].U, final[0].rho + final[1].rho, size)
-    volume = fourier_resize(reconstruct_volume(both, combined_fsc(own_curve)) * corners, setup.box)
+    volume = work.written(reconstruct_volume(both, combined_fsc(own_curve)) * corners)
     del both
-    # Reported as in every iteration: the FSC of the written (Wiener-filtered) half maps, masked.
-    reported = gold_standard_fsc(half_maps, work, params, state.iteration + 1)
-    half_maps = [fourier_resize(m, setup.box) for m in half_maps]
+    # Reported as in every iteration: the FSC of the written (Wiener-filtered) half maps, masked; those of
+    # the full box, as a user would measure it from the files.
+    half_maps = [work.written(m) for m in half_maps]
+    reported = gold_standard_fsc(half_maps, _working_box(setup, setup.box), params, state.iteration + 1)
     return RefineResult(half_maps, volume, reported,
                         float(resolution_at(reported, 0.143, setup.box, setup.pixel_size_A)), state, setup)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-from prime_plugin.core.fourier import fft_workers
+from prime_plugin.core.fourier import fft_workers, shell_index
 from prime_plugin.core.resample import resample_volume
 
 __all__ = [
@@ -63,6 +63,15 @@ class WorkingBox:
         cropped box's edge, only the gridding kernel's spill: their FSC means nothing)."""
         radius = insertion_radius_px(self.box, self.full_box)
         return self.box // 2 + 1 if radius is None else int(np.floor(radius))
+
+    def written(self, volume):
+        """A map of this box (float32 (M, M, M)) as written: at the full box, with nothing at the shells
+        from valid_shells on (the reported FSC is zero there, and so is the written maps' own)."""
+        if self.cropped:
+            spectrum = scipy.fft.rfftn(np.asarray(volume, np.float32), workers=fft_workers())
+            spectrum[shell_index(self.box) >= self.valid_shells] = 0
+            volume = scipy.fft.irfftn(spectrum, s=volume.shape, workers=fft_workers())
+        return fourier_resize(volume, self.full_box)
 
     def full_length(self, curve):
         """An FSC measured at this box, as a curve of the full box's N // 2 + 1 shells: zero from
