@@ -285,15 +285,20 @@ def _previous_contributions(state, setup, params, rows, backend, work):
     inserted = rows[state.inserted_box[rows] > 0]
     for box in np.unique(state.inserted_box[inserted]):
         part_rows = inserted[state.inserted_box[inserted] == box]
-        chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part],
-                              _ctf_of(setup, part), state.peak_angles_deg[part], state.peak_weights[part],
-                              state.scale[part] if params.scale_weighting else None)
-                  for index, (half, part) in enumerate(_half_set_chunks(part_rows, setup.half, params.chunk_size))]
+        chunks = _insert_chunks(state, setup, params, part_rows)
         _, sums = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend, int(box)),
                                      [c.half for c in chunks], name=f"prime-previous-it{state.iteration:03d}-{box}")
         for h in sums:
             total[h - 1] += sums[h].grown(work.box)
     return total
+
+
+def _insert_chunks(state, setup, params, rows):
+    """Insertion tasks of particles ``rows`` at their current orientations, origins, weights and contrasts."""
+    return [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part], _ctf_of(setup, part),
+                        state.peak_angles_deg[part], state.peak_weights[part],
+                        state.scale[part] if params.scale_weighting else None)
+            for index, (half, part) in enumerate(_half_set_chunks(rows, setup.half, params.chunk_size))]
 
 
 def _iterate(state, setup, params, curve, backend, work):
@@ -538,10 +543,7 @@ def _final_maps(state, setup, params, backend, curve):
     behind = np.flatnonzero(state.inserted_box < size)
     if behind.size:
         previous = _previous_contributions(state, setup, params, behind, backend, work)
-        chunks = [InsertChunk(index, half, part, setup.images.locate(part), state.shift_px[part],
-                              _ctf_of(setup, part), state.peak_angles_deg[part], state.peak_weights[part],
-                              state.scale[part] if params.scale_weighting else None)
-                  for index, (half, part) in enumerate(_half_set_chunks(behind, setup.half, params.chunk_size))]
+        chunks = _insert_chunks(state, setup, params, behind)
         _, fresh = backend.map_reduce(insert_chunk, chunks, _insertion_settings(setup, backend, size),
                                       [c.half for c in chunks], name="prime-final")
         for h in (1, 2):
